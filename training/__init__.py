@@ -1,0 +1,1 @@
+"""Training pipeline: `python -m training.run CONFIG.yaml`."""
