@@ -1,0 +1,177 @@
+"""The trainable connector ("Enc-Proj"): a bidirectional transformer encoder over the N query states, then a
+projection into the decoder's text width.
+
+Default layout follows the MetaQuery reference (Qwen2-style layers: RMSNorm, RoPE over query positions, QK RMS-norm,
+SwiGLU MLP; then Linear-GELU(tanh)-Linear-RMSNorm). OpenUni's layout (SigLIP-style layers with LayerNorm and a GELU
+MLP, no positional encoding, one Linear) is the same module with other settings.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+LayerStyle = Literal["qwen2", "siglip"]
+Projection = Literal["mlp_norm", "linear"]
+
+
+@dataclass(frozen=True)
+class ConnectorConfig:
+    in_width: int  # MLLM hidden size
+    out_width: int  # decoder text width C (Sana caption_channels 2304, SD1.5 768)
+    width: int | None = None  # encoder width; None = in_width (as the reference); otherwise an input Linear
+    depth: int = 24  # reference: 24 layers
+    heads: int | None = None  # None = width // 64 (at least 1)
+    mlp_ratio: float = 4.0
+    layer_style: LayerStyle = "qwen2"
+    pos_embed: Literal["rope", "none"] = "rope"
+    qk_norm: bool = True
+    projection: Projection = "mlp_norm"
+    out_norm_scale: float = 1.0  # RMSNorm weight at init: sqrt(5.5) for Sana, 1 for SD1.5
+    init_std: float = 0.014
+    rope_theta: float = 10000.0
+
+    def __post_init__(self) -> None:
+        if self.layer_style not in ("qwen2", "siglip"):
+            raise ValueError(f"layer_style {self.layer_style!r} not in ['qwen2', 'siglip']")
+        if self.projection not in ("mlp_norm", "linear"):
+            raise ValueError(f"projection {self.projection!r} not in ['linear', 'mlp_norm']")
+        if self.pos_embed not in ("rope", "none"):
+            raise ValueError(f"pos_embed {self.pos_embed!r} not in ['none', 'rope']")
+        if self.depth < 0:
+            raise ValueError(f"depth must be >= 0, got {self.depth}")
+        if self.inner_width % self.num_heads:
+            raise ValueError(f"encoder width {self.inner_width} is not divisible by {self.num_heads} heads")
+
+    @property
+    def inner_width(self) -> int:
+        return self.width or self.in_width
+
+    @property
+    def num_heads(self) -> int:
+        return self.heads or max(1, self.inner_width // 64)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def rope(x: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary embedding over the sequence axis of x (B, H, N, d), rotate-half convention."""
+    n, d = x.shape[-2], x.shape[-1]
+    freqs = theta ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)  # (d/2,)
+    angles = torch.arange(n, device=x.device, dtype=torch.float32)[:, None] * freqs  # (N, d/2)
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()  # (N, d)
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ConnectorConfig) -> None:
+        super().__init__()
+        w, self.heads, self.cfg = cfg.inner_width, cfg.num_heads, cfg
+        bias = cfg.layer_style == "siglip"
+        self.q_proj = nn.Linear(w, w, bias=True)
+        self.k_proj = nn.Linear(w, w, bias=True)
+        self.v_proj = nn.Linear(w, w, bias=True)
+        self.o_proj = nn.Linear(w, w, bias=bias)
+        head_dim = w // self.heads
+        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if cfg.qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if cfg.qk_norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (
+            rearrange(p(x), "b n (h d) -> b h n d", h=self.heads) for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        q, k = self.q_norm(q), self.k_norm(k)  # (B, H, N, d)
+        if self.cfg.pos_embed == "rope":
+            q, k = rope(q, self.cfg.rope_theta), rope(k, self.cfg.rope_theta)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=False)  # bidirectional: (B, H, N, d)
+        return self.o_proj(rearrange(out, "b h n d -> b n (h d)"))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ConnectorConfig) -> None:
+        super().__init__()
+        w, hidden = cfg.inner_width, int(cfg.inner_width * cfg.mlp_ratio)
+        self.swiglu = cfg.layer_style == "qwen2"
+        if self.swiglu:
+            self.gate_proj = nn.Linear(w, hidden, bias=False)
+            self.up_proj = nn.Linear(w, hidden, bias=False)
+            self.down_proj = nn.Linear(hidden, w, bias=False)
+        else:
+            self.fc1 = nn.Linear(w, hidden)
+            self.fc2 = nn.Linear(hidden, w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: ConnectorConfig) -> None:
+        super().__init__()
+        norm = (
+            (lambda: nn.RMSNorm(cfg.inner_width, eps=1e-6))
+            if cfg.layer_style == "qwen2"
+            else (lambda: nn.LayerNorm(cfg.inner_width, eps=1e-6))
+        )
+        self.norm1, self.attn, self.norm2, self.mlp = norm(), Attention(cfg), norm(), MLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))  # (B, N, W)
+        return x + self.mlp(self.norm2(x))
+
+
+class Connector(nn.Module):
+    """Query states (B, N, in_width) -> decoder conditioning (B, N, out_width)."""
+
+    def __init__(self, cfg: ConnectorConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        w = cfg.inner_width
+        self.in_proj = nn.Linear(cfg.in_width, w) if w != cfg.in_width else nn.Identity()
+        self.layers = nn.ModuleList([EncoderLayer(cfg) for _ in range(cfg.depth)])
+        if cfg.depth:
+            self.norm = nn.RMSNorm(w, eps=1e-6) if cfg.layer_style == "qwen2" else nn.LayerNorm(w, eps=1e-6)
+        else:
+            self.norm = nn.Identity()
+        if cfg.projection == "mlp_norm":
+            self.proj = nn.Sequential(
+                nn.Linear(w, cfg.out_width),
+                nn.GELU(approximate="tanh"),
+                nn.Linear(cfg.out_width, cfg.out_width),
+                nn.RMSNorm(cfg.out_width, eps=1e-6),
+            )
+        else:
+            self.proj = nn.Linear(w, cfg.out_width)
+        self.gradient_checkpointing = False
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=self.cfg.init_std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        if self.cfg.projection == "mlp_norm":
+            nn.init.constant_(self.proj[-1].weight, self.cfg.out_norm_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.in_proj(x)  # (B, N, W)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
+            else:
+                x = layer(x)
+        return self.proj(self.norm(x))  # (B, N, C)
+
+
+SANA_OUT_NORM_SCALE = math.sqrt(5.5)

@@ -1,0 +1,52 @@
+"""MLLM adapters, registered by `config.model_type` (never by a substring of a hub id or folder name)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .base import DEFAULT_SYSTEM_PROMPT, MLLMAdapter, PromptBatch
+from .llava_onevision import LlavaOneVisionAdapter
+from .qwen_vl import QwenVLAdapter
+from .text_lm import TextLMAdapter
+
+MLLM_ADAPTERS: dict[str, type[MLLMAdapter]] = {
+    model_type: adapter
+    for adapter in (QwenVLAdapter, LlavaOneVisionAdapter, TextLMAdapter)
+    for model_type in adapter.model_types
+}
+
+
+def read_model_type(path: str | Path) -> str:
+    """`model_type` of a local Hugging Face folder, with errors that name the folder."""
+    path = Path(path)
+    config = path / "config.json"
+    if not path.is_dir():
+        raise FileNotFoundError(f"MLLM folder {str(path)!r} does not exist")
+    if not config.is_file():
+        raise ValueError(f"{str(path)!r} is not a Hugging Face model folder: it has no config.json")
+    try:
+        model_type = json.loads(config.read_text())["model_type"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise ValueError(f"{str(config)!r} has no readable 'model_type': {e}") from e
+    return model_type
+
+
+def adapter_for(model_type: str) -> type[MLLMAdapter]:
+    if model_type not in MLLM_ADAPTERS:
+        raise ValueError(f"unsupported MLLM model_type {model_type!r}; supported: {sorted(MLLM_ADAPTERS)}")
+    return MLLM_ADAPTERS[model_type]
+
+
+def load_mllm(
+    path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", **options: Any
+) -> MLLMAdapter:
+    """Load a frozen MLLM from a local folder through the adapter of its `config.model_type`."""
+    adapter = adapter_for(read_model_type(path))
+    return adapter.from_folder(Path(path), dtype=dtype, device=device, **options)
+
+
+__all__ = ["DEFAULT_SYSTEM_PROMPT", "MLLM_ADAPTERS", "MLLMAdapter", "PromptBatch", "adapter_for", "load_mllm"]

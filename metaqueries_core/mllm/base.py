@@ -1,0 +1,267 @@
+"""The MLLM adapter interface: chat inputs with images, N query slots after the prompt, frozen forward, read-out.
+
+One subclass per family owns that family's quirks (image token expansion, vision features, rotary positions).
+Everything here treats the MLLM as frozen: it is put in eval mode with `requires_grad=False` at load time, and no
+method changes its weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image
+from torch import nn
+
+from ..images import ensure_min_side, to_rgb
+
+log = logging.getLogger(__name__)
+
+# The reference implementation's system prompt (DESIGN.md section 1).
+DEFAULT_SYSTEM_PROMPT = (
+    "You will be given an image or its caption. Please describe the content of the image in detail in your own words."
+)
+
+
+@dataclass
+class PromptBatch:
+    """A tokenised, left-padded batch whose last `num_queries` positions are query slots.
+
+    `prompt_embeds` already holds the token embeddings with the vision features merged in; the query slots are
+    zero there and get the learnable queries in `MLLMAdapter.query_states`.
+    """
+
+    input_ids: torch.Tensor  # (B, L) query slots hold the pad id
+    attention_mask: torch.Tensor  # (B, L) 0 on left padding
+    position_ids: torch.Tensor  # (B, L) or (3, B, L) for multimodal rotary families
+    prompt_embeds: torch.Tensor  # (B, L, D)
+    num_queries: int
+    model_inputs: dict[str, Any]  # the family's HF forward kwargs without query slots (for generate / captioning)
+
+    @property
+    def prompt_length(self) -> int:
+        return self.input_ids.shape[1] - self.num_queries
+
+
+class MLLMAdapter(ABC):
+    """Frozen MLLM + its tokenizer / image processor, seen through one interface."""
+
+    model_types: ClassVar[tuple[str, ...]]  # `config.model_type` values this adapter serves
+    image_token: ClassVar[str | None] = None  # placeholder string the chat template writes per image (None: text-only)
+    default_max_images: ClassVar[int] = 0
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        tokenizer: Any,
+        image_processor: Any | None = None,
+        system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+        max_prompt_tokens: int = 256,
+        max_images: int | None = None,
+        name: str = "",
+    ) -> None:
+        if tokenizer.chat_template is None:
+            raise ValueError(f"the tokenizer of MLLM {name!r} has no chat template; the prompt format cannot be built")
+        self.model = freeze(model)
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.system_prompt = system_prompt
+        self.max_prompt_tokens = max_prompt_tokens
+        self.max_images = self.default_max_images if max_images is None else max_images
+        self.name = name
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if pad is None:
+            raise ValueError(f"the tokenizer of MLLM {name!r} has neither a pad nor an eos token")
+        self.pad_id = int(pad)
+
+    # ---- loading -------------------------------------------------------------------------------------------
+    @classmethod
+    @abstractmethod
+    def from_folder(cls, path: Path, *, dtype: torch.dtype, device: str | torch.device, **options: Any) -> MLLMAdapter:
+        """Load model, tokenizer and image processor from a local Hugging Face folder."""
+
+    # ---- family hooks ----------------------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def language_model(self) -> nn.Module:
+        """The text decoder that returns last-layer states after the final norm."""
+
+    @property
+    def width(self) -> int:
+        return self.language_model.config.hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def min_image_side(self) -> int:
+        return 1
+
+    def image_features(self, images: list[list[Image.Image]]) -> tuple[list[torch.Tensor], dict[str, Any]]:
+        """Vision features per image (each (n_i, D), in batch order) and the HF kwargs that carry the pixels."""
+        raise ValueError(f"MLLM {self.name!r} ({self.model_types[0]}) is text-only and takes no images")
+
+    def position_ids(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, extra: dict[str, Any]
+    ) -> torch.Tensor:
+        """Rotary positions; plain 1D positions counting only real (non-pad) tokens."""
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, L)
+
+    # ---- prompt building ------------------------------------------------------------------------------------
+    def truncate_caption(self, caption: str) -> str:
+        ids = self.tokenizer(caption, add_special_tokens=False)["input_ids"]
+        if len(ids) <= self.max_prompt_tokens:
+            return caption
+        log.warning("prompt of %d tokens truncated to %d: %r", len(ids), self.max_prompt_tokens, caption[:80])
+        return self.tokenizer.decode(ids[: self.max_prompt_tokens])
+
+    def render(self, caption: str, num_images: int) -> str:
+        """Chat-template text: [system], user = images then caption, then the assistant generation prompt."""
+        messages: list[dict[str, Any]] = []
+        if self.system_prompt:
+            messages.append({"role": "system", "content": self.system_prompt})
+        if self.image_token is None:
+            messages.append({"role": "user", "content": caption})
+        else:
+            content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": caption}]
+            messages.append({"role": "user", "content": content})
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def check_images(self, images: list[list[Image.Image]] | None, batch: int) -> list[list[Image.Image]]:
+        if images is None:
+            return [[] for _ in range(batch)]
+        if len(images) != batch:
+            raise ValueError(f"got image lists for {len(images)} samples but {batch} prompts; give one list per prompt")
+        out = []
+        for i, sample in enumerate(images):
+            if len(sample) > self.max_images:
+                raise ValueError(
+                    f"sample {i} has {len(sample)} images; MLLM {self.name!r} ({self.model_types[0]}) "
+                    f"takes at most {self.max_images} per prompt"
+                )
+            out.append([ensure_min_side(to_rgb(im), self.min_image_side) for im in sample])
+        return out
+
+    @torch.no_grad()
+    def prepare(
+        self, prompts: list[str], images: list[list[Image.Image]] | None = None, *, num_queries: int = 0
+    ) -> PromptBatch:
+        """Tokenise prompts (+ images), left-pad, append `num_queries` slots, embed with vision features merged."""
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a list of strings, got a single string")
+        images = self.check_images(images, len(prompts))
+        feats, extra = self.image_features(images) if any(images) else ([], {})
+        counts = iter([f.shape[0] for f in feats])
+        rows = []
+        for caption, sample_images in zip(prompts, images):
+            text = self.render(self.truncate_caption(caption), len(sample_images))
+            if sample_images:
+                parts = text.split(self.image_token)
+                if len(parts) != len(sample_images) + 1:
+                    raise ValueError(
+                        f"the chat template wrote {len(parts) - 1} image placeholders for {len(sample_images)} images"
+                    )
+                text = parts[0] + "".join(self.image_token * next(counts) + p for p in parts[1:])
+            rows.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        input_ids, attention_mask = left_pad(rows, self.pad_id, num_queries)  # (B, L)
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        embeds = self.language_model.get_input_embeddings()(input_ids)  # (B, L, D)
+        if feats:
+            image_mask = (input_ids == self.image_token_id).unsqueeze(-1)  # (B, L, 1)
+            embeds = embeds.masked_scatter(image_mask, torch.cat(feats).to(embeds.dtype))
+        if num_queries:
+            embeds[:, -num_queries:] = 0
+        position_ids = self.position_ids(input_ids, attention_mask, extra)
+        n = input_ids.shape[1] - num_queries
+        model_inputs = {"input_ids": input_ids[:, :n], "attention_mask": attention_mask[:, :n], **extra}
+        return PromptBatch(input_ids, attention_mask, position_ids, embeds, num_queries, model_inputs)
+
+    @property
+    def image_token_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(self.image_token)
+
+    # ---- the frozen forward ----------------------------------------------------------------------------------
+    def query_states(self, batch: PromptBatch, queries: torch.Tensor, *, prefix_cache: bool = False) -> torch.Tensor:
+        """Last-layer states (after the final norm) at the query positions: (B, N, D).
+
+        `queries` (N, D) or (B, N, D) carries the gradient. With `prefix_cache`, the prompt runs once without autograd
+        into the KV cache and only the N query positions run with autograd: attention is causal, so the prompt's
+        states never depend on the queries and the result (and its gradient) is the same.
+        """
+        b, n = batch.input_ids.shape[0], batch.num_queries
+        if queries.shape[-2] != n:
+            raise ValueError(f"the batch has {n} query slots but {queries.shape[-2]} queries were given")
+        q = queries.to(batch.prompt_embeds.dtype).expand(b, -1, -1)  # (B, N, D)
+        lm = self.language_model
+        if not prefix_cache:
+            embeds = torch.cat([batch.prompt_embeds[:, :-n], q], dim=1)  # (B, L, D)
+            out = lm(inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+            return out.last_hidden_state[:, -n:]  # (B, N, D)
+        p = batch.prompt_length
+        with torch.no_grad():
+            prefix = lm(
+                inputs_embeds=batch.prompt_embeds[:, :p],
+                attention_mask=batch.attention_mask[:, :p],
+                position_ids=batch.position_ids[..., :p],
+                use_cache=True,
+            )
+        out = lm(
+            inputs_embeds=q,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids[..., p:],
+            cache=prefix.cache,
+        )
+        return out.last_hidden_state  # (B, N, D)
+
+    def encode(
+        self,
+        prompts: list[str],
+        images: list[list[Image.Image]] | None,
+        queries: torch.Tensor,
+        *,
+        prefix_cache: bool = False,
+    ) -> torch.Tensor:
+        """prepare + query_states: (B, N, D)."""
+        batch = self.prepare(prompts, images, num_queries=queries.shape[-2])
+        return self.query_states(batch, queries, prefix_cache=prefix_cache)
+
+    @torch.no_grad()
+    def generate_text(
+        self, prompts: list[str], images: list[list[Image.Image]] | None = None, *, max_new_tokens: int = 64
+    ) -> list[str]:
+        """Let the frozen MLLM answer (understanding): the same prompt format with no query slots."""
+        batch = self.prepare(prompts, images, num_queries=0)
+        out = self.model.generate(
+            **batch.model_inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.pad_id
+        )
+        new = out[:, batch.input_ids.shape[1] :]
+        return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+
+def left_pad(rows: list[list[int]], pad_id: int, num_queries: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token rows and append `num_queries` slots: (B, L) ids and mask."""
+    length = max(len(r) for r in rows) + num_queries
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, r in enumerate(rows):
+        start = length - num_queries - len(r)
+        ids[i, start : length - num_queries] = torch.tensor(r, dtype=torch.long)
+        mask[i, start:] = 1
+    return ids, mask
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode and no gradients: the MLLM is never trained."""
+    model.eval()
+    model.requires_grad_(False)
+    return model

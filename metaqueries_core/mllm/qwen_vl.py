@@ -1,0 +1,62 @@
+"""Qwen2-VL and Qwen2.5-VL: dynamic-resolution vision tower and multimodal rotary positions (3, B, L)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+from .base import MLLMAdapter
+
+
+class QwenVLAdapter(MLLMAdapter):
+    model_types = ("qwen2_5_vl", "qwen2_vl")
+    image_token = "<|image_pad|>"
+    default_max_images = 8
+
+    @classmethod
+    def from_folder(cls, path: Path, *, dtype: torch.dtype, device: str | torch.device, **options: Any) -> MLLMAdapter:
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        image_processor = AutoImageProcessor.from_pretrained(path)
+        return cls(model=model, tokenizer=tokenizer, image_processor=image_processor, name=str(path), **options)
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def min_image_side(self) -> int:
+        # the processor's smart_resize needs at least one merged patch per side
+        return self.image_processor.patch_size * self.image_processor.merge_size
+
+    @property
+    def image_token_id(self) -> int:
+        return self.model.config.image_token_id
+
+    def image_features(self, images: list[list[Image.Image]]) -> tuple[list[torch.Tensor], dict[str, Any]]:
+        flat = [im for sample in images for im in sample]
+        px = self.image_processor(images=flat, return_tensors="pt")
+        pixel_values = px["pixel_values"].to(self.device, self.dtype)  # (sum of patches, C*T*P*P)
+        grid = px["image_grid_thw"].to(self.device)  # (num_images, 3)
+        feats = self.model.model.get_image_features(pixel_values, grid).pooler_output  # tuple of (n_i, D)
+        return list(feats), {"pixel_values": pixel_values, "image_grid_thw": grid}
+
+    def position_ids(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, extra: dict[str, Any]
+    ) -> torch.Tensor:
+        token_types = (input_ids == self.image_token_id).int()  # (B, L) 1 on image tokens
+        positions, _ = self.model.model.get_rope_index(
+            input_ids, token_types, image_grid_thw=extra.get("image_grid_thw"), attention_mask=attention_mask
+        )
+        return positions  # (3, B, L)
+
+    def prepare(self, prompts, images=None, *, num_queries=0):
+        batch = super().prepare(prompts, images, num_queries=num_queries)
+        n = batch.prompt_length
+        batch.model_inputs["mm_token_type_ids"] = (batch.input_ids[:, :n] == self.image_token_id).int()
+        return batch

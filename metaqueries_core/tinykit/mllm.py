@@ -1,0 +1,212 @@
+"""Tiny MLLMs of the real transformers classes, written as Hugging Face folders so that the adapters load them from
+disk exactly as they load real weights. Presets are data (one builder per family), never downloaded."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from . import templates
+from .tokenizer import train_bpe_tokenizer
+
+QWEN_SPECIALS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+LLAVA_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+
+
+@dataclass(frozen=True)
+class TinySize:
+    width: int = 64  # text hidden size
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    vision_width: int = 32
+    vision_layers: int = 2
+    patch: int = 4  # vision patch size; Qwen merges 2x2 patches, so the image grid unit is 2 * patch
+    vocab_size: int = 512
+
+
+def _text_config(size: TinySize, vocab: int, **extra: Any) -> dict[str, Any]:
+    return dict(
+        hidden_size=size.width,
+        intermediate_size=size.width * 2,
+        num_hidden_layers=size.layers,
+        num_attention_heads=size.heads,
+        num_key_value_heads=size.kv_heads,
+        vocab_size=vocab,
+        max_position_embeddings=2048,
+        **extra,
+    )
+
+
+def _ids(tok: Any, *names: str) -> list[int]:
+    return [tok.convert_tokens_to_ids(n) for n in names]
+
+
+def _qwen_vl(size: TinySize, texts: Iterable[str], v25: bool) -> tuple[torch.nn.Module, Any, Any]:
+    tok = train_bpe_tokenizer(
+        special_tokens=QWEN_SPECIALS,
+        texts=texts,
+        vocab_size=size.vocab_size,
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        chat_template=templates.QWEN_VL,
+    )
+    pad, eos, image, video, vstart = _ids(
+        tok, "<|endoftext|>", "<|im_end|>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>"
+    )
+    head_dim = size.width // size.heads
+    mrope = [head_dim // 8, head_dim * 3 // 16, head_dim * 3 // 16]  # sums to head_dim / 2, as upstream's [16, 24, 24]
+    text = _text_config(
+        size, len(tok), rope_scaling={"type": "mrope", "mrope_section": mrope}, bos_token_id=pad, eos_token_id=eos
+    )
+    common = dict(
+        image_token_id=image,
+        video_token_id=video,
+        vision_start_token_id=vstart,
+        bos_token_id=pad,
+        eos_token_id=eos,
+        pad_token_id=pad,
+    )
+    if v25:
+        vision = dict(
+            depth=size.vision_layers,
+            hidden_size=size.vision_width,
+            intermediate_size=size.vision_width * 2,
+            num_heads=2,
+            out_hidden_size=size.width,
+            patch_size=size.patch,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            fullatt_block_indexes=[size.vision_layers - 1],
+            window_size=size.patch * 4,
+        )
+        model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision, **common))
+    else:
+        vision = dict(
+            depth=size.vision_layers,
+            embed_dim=size.vision_width,
+            hidden_size=size.width,
+            num_heads=2,
+            mlp_ratio=2,
+            patch_size=size.patch,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        )
+        model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=text, vision_config=vision, **common))
+    unit = size.patch * 2
+    image_processor = Qwen2VLImageProcessorPil(
+        size={"shortest_edge": unit * unit * 4, "longest_edge": unit * unit * 64},
+        patch_size=size.patch,
+        merge_size=2,
+        temporal_patch_size=2,
+    )
+    return model, tok, image_processor
+
+
+def _llava_onevision(size: TinySize, texts: Iterable[str]) -> tuple[torch.nn.Module, Any, Any]:
+    tok = train_bpe_tokenizer(
+        special_tokens=LLAVA_SPECIALS,
+        texts=texts,
+        vocab_size=size.vocab_size,
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        chat_template=templates.LLAVA_ONEVISION,
+    )
+    pad, eos, image, video = _ids(tok, "<|endoftext|>", "<|im_end|>", "<image>", "<video>")
+    tile = size.patch * 4  # SigLIP tile side: 4x4 patches
+    pinpoints = [[tile, tile], [tile, 2 * tile], [2 * tile, tile], [2 * tile, 2 * tile]]
+    config = LlavaOnevisionConfig(
+        text_config={"model_type": "qwen2", **_text_config(size, len(tok), bos_token_id=pad, eos_token_id=eos)},
+        vision_config=dict(
+            model_type="siglip_vision_model",
+            hidden_size=size.vision_width,
+            intermediate_size=size.vision_width * 2,
+            num_hidden_layers=size.vision_layers,
+            num_attention_heads=2,
+            image_size=tile,
+            patch_size=size.patch,
+        ),
+        image_token_index=image,
+        video_token_index=video,
+        image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
+        pad_token_id=pad,
+    )
+    model = LlavaOnevisionForConditionalGeneration(config)
+    image_processor = LlavaOnevisionImageProcessorPil(
+        size={"height": tile, "width": tile},
+        crop_size={"height": tile, "width": tile},
+        image_grid_pinpoints=pinpoints,
+        do_pad=True,
+    )
+    return model, tok, image_processor
+
+
+def _text_lm(size: TinySize, texts: Iterable[str], qwen3: bool) -> tuple[torch.nn.Module, Any, None]:
+    tok = train_bpe_tokenizer(
+        special_tokens=QWEN_SPECIALS[:3],
+        texts=texts,
+        vocab_size=size.vocab_size,
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        chat_template=templates.CHATML,
+    )
+    pad, eos = _ids(tok, "<|endoftext|>", "<|im_end|>")
+    kwargs = _text_config(size, len(tok), bos_token_id=pad, eos_token_id=eos, pad_token_id=pad)
+    if qwen3:
+        return Qwen3ForCausalLM(Qwen3Config(head_dim=size.width // size.heads, **kwargs)), tok, None
+    return Qwen2ForCausalLM(Qwen2Config(**kwargs)), tok, None
+
+
+TINY_MLLMS: dict[str, Callable[[TinySize, Iterable[str]], tuple[torch.nn.Module, Any, Any]]] = {
+    "qwen2_5_vl": lambda s, t: _qwen_vl(s, t, v25=True),
+    "qwen2_vl": lambda s, t: _qwen_vl(s, t, v25=False),
+    "llava_onevision": _llava_onevision,
+    "qwen2": lambda s, t: _text_lm(s, t, qwen3=False),
+    "qwen3": lambda s, t: _text_lm(s, t, qwen3=True),
+}
+
+
+def write_tiny_mllm(
+    family: str, folder: str | Path, *, size: TinySize = TinySize(), texts: Iterable[str] = (), seed: int = 0
+) -> Path:
+    """Build a tiny model of `family` (a `config.model_type`) and save model, tokenizer and image processor."""
+    if family not in TINY_MLLMS:
+        raise ValueError(f"no tiny preset for MLLM family {family!r}; available: {sorted(TINY_MLLMS)}")
+    torch.manual_seed(seed)
+    model, tokenizer, image_processor = TINY_MLLMS[family](size, list(texts))
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    if image_processor is not None:
+        image_processor.save_pretrained(folder)
+    return folder
