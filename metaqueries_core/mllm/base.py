@@ -7,6 +7,7 @@ method changes its weights.
 
 from __future__ import annotations
 
+import enum
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -25,6 +26,15 @@ log = logging.getLogger(__name__)
 DEFAULT_SYSTEM_PROMPT = (
     "You will be given an image or its caption. Please describe the content of the image in detail in your own words."
 )
+
+
+class Default(enum.Enum):
+    """Sentinel type: "use the adapter's own setting" (None is a valid system prompt: none at all)."""
+
+    TOKEN = 0
+
+
+DEFAULT = Default.TOKEN
 
 
 @dataclass
@@ -118,18 +128,18 @@ class MLLMAdapter(ABC):
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, L)
 
     # ---- prompt building ------------------------------------------------------------------------------------
-    def truncate_caption(self, caption: str) -> str:
+    def truncate_caption(self, caption: str, max_tokens: int) -> str:
         ids = self.tokenizer(caption, add_special_tokens=False)["input_ids"]
-        if len(ids) <= self.max_prompt_tokens:
+        if len(ids) <= max_tokens:
             return caption
-        log.warning("prompt of %d tokens truncated to %d: %r", len(ids), self.max_prompt_tokens, caption[:80])
-        return self.tokenizer.decode(ids[: self.max_prompt_tokens])
+        log.warning("prompt of %d tokens truncated to %d: %r", len(ids), max_tokens, caption[:80])
+        return self.tokenizer.decode(ids[:max_tokens])
 
-    def render(self, caption: str, num_images: int) -> str:
+    def render(self, caption: str, num_images: int, system_prompt: str | None) -> str:
         """Chat-template text: [system], user = images then caption, then the assistant generation prompt."""
         messages: list[dict[str, Any]] = []
-        if self.system_prompt:
-            messages.append({"role": "system", "content": self.system_prompt})
+        if system_prompt:
+            messages.append({"role": "system", "content": system_prompt})
         if self.image_token is None:
             messages.append({"role": "user", "content": caption})
         else:
@@ -154,9 +164,20 @@ class MLLMAdapter(ABC):
 
     @torch.no_grad()
     def prepare(
-        self, prompts: list[str], images: list[list[Image.Image]] | None = None, *, num_queries: int = 0
+        self,
+        prompts: list[str],
+        images: list[list[Image.Image]] | None = None,
+        *,
+        num_queries: int = 0,
+        system_prompt: str | None | Default = DEFAULT,
+        max_prompt_tokens: int | None = None,
     ) -> PromptBatch:
-        """Tokenise prompts (+ images), left-pad, append `num_queries` slots, embed with vision features merged."""
+        """Tokenise prompts (+ images), left-pad, append `num_queries` slots, embed with vision features merged.
+
+        `system_prompt` / `max_prompt_tokens` default to the adapter's; a checkpoint passes the ones it was trained with.
+        """
+        system_prompt = self.system_prompt if system_prompt is DEFAULT else system_prompt
+        max_tokens = self.max_prompt_tokens if max_prompt_tokens is None else max_prompt_tokens
         if isinstance(prompts, str):
             raise TypeError("prompts must be a list of strings, got a single string")
         images = self.check_images(images, len(prompts))
@@ -164,7 +185,7 @@ class MLLMAdapter(ABC):
         counts = iter([f.shape[0] for f in feats])
         rows = []
         for caption, sample_images in zip(prompts, images):
-            text = self.render(self.truncate_caption(caption), len(sample_images))
+            text = self.render(self.truncate_caption(caption, max_tokens), len(sample_images), system_prompt)
             if sample_images:
                 parts = text.split(self.image_token)
                 if len(parts) != len(sample_images) + 1:

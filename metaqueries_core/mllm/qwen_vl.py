@@ -55,8 +55,8 @@ class QwenVLAdapter(MLLMAdapter):
         )
         return positions  # (3, B, L)
 
-    def prepare(self, prompts, images=None, *, num_queries=0):
-        batch = super().prepare(prompts, images, num_queries=num_queries)
+    def prepare(self, prompts, images=None, **kwargs):
+        batch = super().prepare(prompts, images, **kwargs)
         n = batch.prompt_length
         batch.model_inputs["mm_token_type_ids"] = (batch.input_ids[:, :n] == self.image_token_id).int()
         return batch

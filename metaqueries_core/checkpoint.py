@@ -1,0 +1,159 @@
+"""The MetaQuery checkpoint: one .safetensors file with tensors `queries`, `connector.*` and optionally `decoder.*`,
+and a JSON config in its metadata (DESIGN.md section 3). Writes are atomic: a temp file renamed into place."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .connector import ConnectorConfig
+from .head import MetaQueryHead
+
+FORMAT_VERSION = 1
+METADATA_KEY = "metaqueries_config"
+Stage = Literal["pretrain", "instruct"]
+
+
+@dataclass(frozen=True)
+class MetaQueryConfig:
+    mllm_family: str  # the MLLM's config.model_type
+    mllm_width: int
+    num_queries: int
+    connector: ConnectorConfig
+    decoder_family: str  # "sana" | "sd15"
+    decoder_text_width: int
+    stage: Stage = "pretrain"
+    system_prompt: str | None = None
+    max_prompt_tokens: int = 256
+    mllm_name: str = ""  # a hint for users (folder name), never used to pick code
+    decoder_name: str = ""
+    format_version: int = FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> MetaQueryConfig:
+        data = json.loads(text)
+        allowed = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            raise ValueError(f"checkpoint config has unknown keys {unknown}; known: {sorted(allowed)}")
+        if data.get("format_version", 0) > FORMAT_VERSION:
+            raise ValueError(
+                f"checkpoint format version {data['format_version']} is newer than this code's {FORMAT_VERSION}; "
+                "update ComfyUI-MetaQueries"
+            )
+        data["connector"] = ConnectorConfig(**data["connector"])
+        return cls(**data)
+
+
+def save_checkpoint(
+    path: str | Path,
+    head: MetaQueryHead,
+    config: MetaQueryConfig,
+    decoder_state: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write queries + connector (+ decoder weights when trained) atomically."""
+    if head.num_queries != config.num_queries or head.queries.width != config.mllm_width:
+        raise ValueError(
+            f"head has {head.num_queries} queries of width {head.queries.width}, config says "
+            f"{config.num_queries} of width {config.mllm_width}"
+        )
+    tensors = {"queries": head.queries.queries.detach()}
+    tensors.update({f"connector.{k}": v.detach() for k, v in head.connector.state_dict().items()})
+    for k, v in (decoder_state or {}).items():
+        tensors[f"decoder.{k}"] = v.detach()
+    tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata={METADATA_KEY: config.to_json(), "format": "pt"})
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def read_config(path: str | Path) -> MetaQueryConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"MetaQuery checkpoint {str(path)!r} does not exist")
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    if METADATA_KEY not in metadata:
+        raise ValueError(f"{str(path)!r} is not a MetaQuery checkpoint: its metadata has no {METADATA_KEY!r}")
+    return MetaQueryConfig.from_json(metadata[METADATA_KEY])
+
+
+def load_checkpoint(
+    path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[MetaQueryConfig, MetaQueryHead, dict[str, torch.Tensor]]:
+    """-> (config, head with weights loaded, decoder state dict (empty when the decoder was frozen))."""
+    config = read_config(path)
+    with torch.device("meta"):
+        head = MetaQueryHead(
+            num_queries=config.num_queries,
+            connector=config.connector,
+            system_prompt=config.system_prompt,
+            max_prompt_tokens=config.max_prompt_tokens,
+        )
+    state, decoder_state = {}, {}
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        for key in f.keys():
+            tensor = f.get_tensor(key)
+            if key.startswith("decoder."):
+                decoder_state[key[len("decoder.") :]] = tensor
+            else:
+                state["queries.queries" if key == "queries" else key] = tensor.to(dtype)
+    missing, unexpected = head.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise ValueError(f"{str(path)!r} does not match its own config: missing {missing}, unexpected {unexpected}")
+    return config, head.to(device), decoder_state
+
+
+def check_compatible(config: MetaQueryConfig, *, mllm: Any | None = None, decoder: Any | None = None) -> None:
+    """Raise naming every mismatch between a checkpoint's config and the loaded MLLM adapter / decoder adapter."""
+    problems = []
+    if mllm is not None:
+        family = mllm.model.config.model_type
+        if family != config.mllm_family:
+            problems.append(f"MLLM family: checkpoint {config.mllm_family!r}, loaded {family!r}")
+        if mllm.width != config.mllm_width:
+            problems.append(f"MLLM width: checkpoint {config.mllm_width}, loaded MLLM {mllm.width}")
+    if decoder is not None:
+        if decoder.family != config.decoder_family:
+            problems.append(f"decoder family: checkpoint {config.decoder_family!r}, loaded {decoder.family!r}")
+        if decoder.text_width != config.decoder_text_width:
+            problems.append(
+                f"decoder text width: checkpoint {config.decoder_text_width}, loaded decoder {decoder.text_width}"
+            )
+    if problems:
+        raise ValueError("MetaQuery checkpoint does not match the loaded models: " + "; ".join(problems))
+
+
+def config_for(head: MetaQueryHead, *, mllm: Any, decoder: Any, stage: Stage = "pretrain") -> MetaQueryConfig:
+    """The checkpoint config describing `head` trained between this MLLM adapter and this decoder adapter."""
+    return MetaQueryConfig(
+        mllm_family=mllm.model.config.model_type,
+        mllm_width=mllm.width,
+        num_queries=head.num_queries,
+        connector=head.connector.cfg,
+        decoder_family=decoder.family,
+        decoder_text_width=decoder.text_width,
+        stage=stage,
+        system_prompt=head.system_prompt,
+        max_prompt_tokens=head.max_prompt_tokens,
+        mllm_name=Path(mllm.name).name,
+        decoder_name=Path(getattr(decoder, "name", "") or "").name,
+    )

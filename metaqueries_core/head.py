@@ -1,0 +1,67 @@
+"""The trainable MetaQuery head: queries + connector, and how they turn prompts into decoder conditioning."""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+from torch import nn
+
+from .connector import Connector, ConnectorConfig
+from .mllm import DEFAULT_SYSTEM_PROMPT, MLLMAdapter, PromptBatch
+from .queries import MetaQueries
+
+
+class MetaQueryHead(nn.Module):
+    """Everything that trains on the MLLM side: N queries of the MLLM's width and the connector."""
+
+    def __init__(
+        self,
+        *,
+        num_queries: int,
+        connector: ConnectorConfig,
+        system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+        max_prompt_tokens: int = 256,
+    ) -> None:
+        super().__init__()
+        # the prompt format is part of what was trained: it travels with the checkpoint, not with the MLLM
+        self.system_prompt = system_prompt
+        self.max_prompt_tokens = max_prompt_tokens
+        self.queries = MetaQueries(num_queries=num_queries, width=connector.in_width, init_std=connector.init_std)
+        self.connector = Connector(connector)
+
+    @property
+    def num_queries(self) -> int:
+        return self.queries.num_queries
+
+    def prepare(
+        self, mllm: MLLMAdapter, prompts: list[str], images: list[list[Image.Image]] | None = None
+    ) -> PromptBatch:
+        """Tokenise with this head's prompt format and query count."""
+        return mllm.prepare(
+            prompts,
+            images,
+            num_queries=self.num_queries,
+            system_prompt=self.system_prompt,
+            max_prompt_tokens=self.max_prompt_tokens,
+        )
+
+    def condition(
+        self, mllm: MLLMAdapter, batch: PromptBatch, *, prefix_cache: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prepared prompts -> (cond (B, N, C), mask (B, N)); the mask is all ones: every query is a real token."""
+        states = mllm.query_states(batch, self.queries(), prefix_cache=prefix_cache)  # (B, N, D)
+        param = self.queries.queries
+        cond = self.connector(states.to(param.dtype))  # (B, N, C)
+        mask = torch.ones(cond.shape[:2], dtype=torch.long, device=cond.device)  # (B, N)
+        return cond, mask
+
+    def encode(
+        self,
+        mllm: MLLMAdapter,
+        prompts: list[str],
+        images: list[list[Image.Image]] | None = None,
+        *,
+        prefix_cache: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self.prepare(mllm, prompts, images)
+        return self.condition(mllm, batch, prefix_cache=prefix_cache)

@@ -1,0 +1,99 @@
+"""Checkpoint format: exact round trip, metadata config, compatibility errors, atomic writes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from metaqueries_core import checkpoint as ckpt
+
+
+@pytest.fixture
+def saved(tmp_path, mllm_loader, decoder_loader, make_head):
+    mllm, decoder = mllm_loader("qwen2_5_vl"), decoder_loader("sana")
+    head = make_head(mllm, decoder)
+    config = ckpt.config_for(head, mllm=mllm, decoder=decoder, stage="instruct")
+    return ckpt.save_checkpoint(tmp_path / "mq.safetensors", head, config), head, config
+
+
+def test_round_trip_is_exact(saved):
+    path, head, config = saved
+    loaded_config, loaded, decoder_state = ckpt.load_checkpoint(path)
+    assert loaded_config == config and decoder_state == {}
+    a, b = head.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert loaded.system_prompt == head.system_prompt and loaded.max_prompt_tokens == head.max_prompt_tokens
+
+
+def test_file_layout_matches_the_design(saved):
+    path, head, config = saved
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+        meta = json.loads(f.metadata()[ckpt.METADATA_KEY])
+    assert "queries" in keys and all(k == "queries" or k.startswith("connector.") for k in keys)
+    assert meta["format_version"] == ckpt.FORMAT_VERSION
+    assert meta["mllm_family"] == "qwen2_5_vl" and meta["decoder_family"] == "sana" and meta["stage"] == "instruct"
+    assert meta["connector"]["depth"] == 1 and meta["num_queries"] == head.num_queries
+
+
+def test_decoder_weights_travel_when_given(tmp_path, saved, decoder_loader):
+    _, head, config = saved
+    state = {k: v for k, v in list(decoder_loader("sana").denoiser.state_dict().items())[:3]}
+    path = ckpt.save_checkpoint(tmp_path / "with_decoder.safetensors", head, config, decoder_state=state)
+    _, _, decoder_state = ckpt.load_checkpoint(path)
+    assert decoder_state.keys() == state.keys() and all(torch.equal(decoder_state[k], state[k]) for k in state)
+
+
+def test_mismatched_models_name_both_widths(saved, mllm_loader, decoder_loader, tmp_path):
+    path, head, config = saved
+    ckpt.check_compatible(config, mllm=mllm_loader("qwen2_5_vl"), decoder=decoder_loader("sana"))
+    with pytest.raises(ValueError, match=r"decoder text width: checkpoint 64, loaded decoder 32"):
+        ckpt.check_compatible(config, decoder=decoder_loader("sd15"))
+    wide = ckpt.MetaQueryConfig(**{**config.__dict__, "mllm_width": 128})
+    with pytest.raises(ValueError, match=r"MLLM width: checkpoint 128, loaded MLLM 64"):
+        ckpt.check_compatible(wide, mllm=mllm_loader("qwen2_5_vl"))
+    with pytest.raises(ValueError, match=r"MLLM family: checkpoint 'qwen2_5_vl', loaded 'qwen2'"):
+        ckpt.check_compatible(config, mllm=mllm_loader("qwen2"))
+
+
+def test_not_a_checkpoint(tmp_path):
+    plain = tmp_path / "plain.safetensors"
+    save_file({"x": torch.zeros(1)}, str(plain))
+    with pytest.raises(ValueError, match="is not a MetaQuery checkpoint"):
+        ckpt.load_checkpoint(plain)
+    with pytest.raises(FileNotFoundError):
+        ckpt.load_checkpoint(tmp_path / "missing.safetensors")
+
+
+def test_unknown_or_newer_config_is_refused(saved):
+    _, _, config = saved
+    data = json.loads(config.to_json())
+    with pytest.raises(ValueError, match="unknown keys \\['typo'\\]"):
+        ckpt.MetaQueryConfig.from_json(json.dumps({**data, "typo": 1}))
+    with pytest.raises(ValueError, match="newer than this code"):
+        ckpt.MetaQueryConfig.from_json(json.dumps({**data, "format_version": 99}))
+
+
+def test_failed_write_keeps_previous_file(saved, monkeypatch):
+    path, head, config = saved
+    before = path.read_bytes()
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save_checkpoint(path, head, config)
+    assert path.read_bytes() == before
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left behind
+
+
+def test_config_head_mismatch_refused(saved, tmp_path):
+    _, head, config = saved
+    bad = ckpt.MetaQueryConfig(**{**config.__dict__, "num_queries": 3})
+    with pytest.raises(ValueError, match="head has 8 queries"):
+        ckpt.save_checkpoint(tmp_path / "x.safetensors", head, bad)

@@ -1,0 +1,86 @@
+"""Queries and connector: shapes, bidirectionality, positional encoding, layouts, init."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from metaqueries_core.connector import SANA_OUT_NORM_SCALE, Connector, ConnectorConfig
+from metaqueries_core.queries import MetaQueries
+
+OPENUNI = dict(depth=6, layer_style="siglip", pos_embed="none", projection="linear", qk_norm=False)
+
+
+@pytest.mark.parametrize("layout", [{}, OPENUNI, dict(width=32, depth=1), dict(depth=0)])
+def test_shapes(layout):
+    c = Connector(ConnectorConfig(in_width=64, out_width=24, **layout))
+    assert c(torch.randn(2, 5, 64)).shape == (2, 5, 24)
+
+
+def test_encoder_is_bidirectional():
+    torch.manual_seed(0)
+    c = Connector(ConnectorConfig(in_width=64, out_width=16, depth=2, init_std=0.1))
+    x = torch.randn(1, 8, 64)
+    y = x.clone()
+    y[:, -1] += 1.0  # change only the LAST query
+    assert not torch.allclose(c(x)[:, 0], c(y)[:, 0])  # the FIRST output sees it
+
+
+def test_rope_makes_positions_matter_and_none_does_not():
+    torch.manual_seed(0)
+    x = torch.randn(1, 6, 64)
+    perm = torch.tensor([5, 4, 3, 2, 1, 0])
+    for pos_embed, equivariant in (("none", True), ("rope", False)):
+        c = Connector(ConnectorConfig(in_width=64, out_width=16, depth=2, pos_embed=pos_embed, init_std=0.1))
+        out, out_perm = c(x), c(x[:, perm])
+        assert torch.allclose(out[:, perm], out_perm, atol=1e-5) == equivariant
+
+
+def test_output_norm_scale_and_init_std():
+    c = Connector(ConnectorConfig(in_width=128, out_width=32, depth=1, out_norm_scale=SANA_OUT_NORM_SCALE))
+    assert torch.allclose(c.proj[-1].weight, torch.full((32,), math.sqrt(5.5)))
+    assert abs(c.layers[0].attn.q_proj.weight.std().item() - 0.014) < 0.003
+    # the reference: heads = width / 64
+    assert c.layers[0].attn.heads == 2
+
+
+def test_openuni_layout_has_one_linear_projection():
+    c = Connector(ConnectorConfig(in_width=64, out_width=24, **OPENUNI))
+    assert isinstance(c.proj, torch.nn.Linear) and len(c.layers) == 6
+    assert isinstance(c.layers[0].norm1, torch.nn.LayerNorm)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(layer_style="llama"), "layer_style 'llama'"),
+        (dict(projection="mlp"), "projection 'mlp'"),
+        (dict(heads=5), "not divisible by 5 heads"),
+    ],
+)
+def test_bad_config_is_named(bad, message):
+    with pytest.raises(ValueError, match=message):
+        ConnectorConfig(in_width=64, out_width=8, **bad)
+
+
+def test_queries_parameter():
+    q = MetaQueries(num_queries=16, width=32)
+    assert q().shape == (16, 32) and q.queries.requires_grad
+    with pytest.raises(ValueError, match="positive"):
+        MetaQueries(num_queries=0, width=32)
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    torch.manual_seed(0)
+    c = Connector(ConnectorConfig(in_width=64, out_width=16, depth=2))
+    x = torch.randn(2, 4, 64)
+    c(x).sum().backward()
+    ref = [p.grad.clone() for p in c.parameters()]
+    c.zero_grad()
+    c.gradient_checkpointing = True
+    c.train()
+    c(x).sum().backward()
+    for a, p in zip(ref, c.parameters()):
+        torch.testing.assert_close(p.grad, a)

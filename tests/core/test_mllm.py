@@ -1,0 +1,167 @@
+"""MLLM adapters on tiny models loaded from disk: prompt layout, read-out, frozen weights, bad input."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from mq_testutil import MLLM_FAMILIES, VISION_FAMILIES
+from PIL import Image
+
+from metaqueries_core.mllm import MLLM_ADAPTERS, load_mllm
+
+N = 6
+
+
+def red(size=(32, 32)):
+    return Image.new("RGB", size, (255, 0, 0))
+
+
+def images_for(family):
+    if family not in VISION_FAMILIES:
+        return None
+    return [[red()], [], [red((40, 24)), Image.new("RGB", (32, 32), (0, 0, 255))]]
+
+
+@pytest.mark.parametrize("family", MLLM_FAMILIES)
+def test_prepare_left_pads_and_appends_query_slots(mllm_loader, family):
+    mllm = mllm_loader(family)
+    batch = mllm.prepare(["a red circle", "", "two blue squares on the right"], images_for(family), num_queries=N)
+    b, length = batch.input_ids.shape
+    assert b == 3 and batch.prompt_embeds.shape == (3, length, mllm.width)
+    # queries are the last N positions of every row and always attended
+    assert batch.attention_mask[:, -N:].all()
+    assert (batch.prompt_embeds[:, -N:] == 0).all()
+    # left padding: each row's mask is 0...0 1...1
+    for row in batch.attention_mask:
+        first = int(row.argmax())
+        assert row[:first].sum() == 0 and row[first:].all()
+    assert batch.attention_mask[1].sum() < batch.attention_mask[2].sum()  # the empty prompt is shorter
+
+
+@pytest.mark.parametrize("family", MLLM_FAMILIES)
+def test_query_states_shape_and_prefix_cache_equivalence(mllm_loader, family):
+    mllm = mllm_loader(family)
+    batch = mllm.prepare(
+        ["a red circle", "", "a green triangle above a yellow circle"], images_for(family), num_queries=N
+    )
+    q = torch.randn(N, mllm.width, requires_grad=True)
+    full = mllm.query_states(batch, q)
+    (g_full,) = torch.autograd.grad(full.square().sum(), q)
+    cached = mllm.query_states(batch, q, prefix_cache=True)
+    (g_cached,) = torch.autograd.grad(cached.square().sum(), q)
+    assert full.shape == (3, N, mllm.width)
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g_cached, g_full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", MLLM_FAMILIES)
+def test_readout_depends_on_prompt_and_is_batch_independent(mllm_loader, family):
+    mllm = mllm_loader(family)
+    q = torch.randn(N, mllm.width)
+    with torch.no_grad():
+        a = mllm.encode(["a red circle"], None, q)
+        b = mllm.encode(["a blue square on the right"], None, q)
+        both = mllm.encode(["a red circle", "a blue square on the right"], None, q)
+    assert not torch.allclose(a, b)
+    # left padding must not change a sample's states
+    torch.testing.assert_close(both[0:1], a, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(both[1:2], b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", VISION_FAMILIES)
+def test_images_change_the_states(mllm_loader, family):
+    mllm = mllm_loader(family)
+    q = torch.randn(N, mllm.width)
+    with torch.no_grad():
+        plain = mllm.encode(["make it blue"], [[]], q)
+        with_red = mllm.encode(["make it blue"], [[red()]], q)
+        with_blue = mllm.encode(["make it blue"], [[Image.new("RGB", (32, 32), (0, 0, 255))]], q)
+    assert not torch.allclose(plain, with_red)
+    assert not torch.allclose(with_red, with_blue)
+
+
+@pytest.mark.parametrize("family", MLLM_FAMILIES)
+def test_mllm_is_frozen_and_unchanged_by_backward(mllm_loader, family):
+    mllm = mllm_loader(family)
+    assert not mllm.model.training
+    assert not any(p.requires_grad for p in mllm.model.parameters())
+    before = {k: v.clone() for k, v in mllm.model.state_dict().items()}
+    q = torch.randn(N, mllm.width, requires_grad=True)
+    mllm.encode(["a red circle"], images_for(family) and [[red()]], q).sum().backward()
+    assert q.grad is not None and q.grad.abs().sum() > 0
+    assert all(p.grad is None for p in mllm.model.parameters())
+    after = mllm.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_long_caption_is_truncated_with_warning(mllm_loader, caplog):
+    mllm = mllm_loader("qwen2")
+    long = "a red circle on the left " * 100
+    with caplog.at_level(logging.WARNING):
+        batch = mllm.prepare([long], None, num_queries=N, max_prompt_tokens=16)
+    assert "truncated to 16" in caplog.text
+    short = mllm.prepare(["a red circle on the left " * 3], None, num_queries=N, max_prompt_tokens=16)
+    assert batch.input_ids.shape[1] <= short.input_ids.shape[1] + 16
+
+
+def test_system_prompt_goes_into_the_prompt(mllm_loader):
+    mllm = mllm_loader("qwen2")
+    with_sys = mllm.prepare(["x"], None, num_queries=N, system_prompt="be brief")
+    without = mllm.prepare(["x"], None, num_queries=N, system_prompt=None)
+    assert "be brief" in mllm.tokenizer.decode(with_sys.input_ids[0])
+    assert with_sys.input_ids.shape[1] > without.input_ids.shape[1]
+
+
+@pytest.mark.parametrize("family", VISION_FAMILIES)
+def test_odd_images_are_converted(mllm_loader, family):
+    mllm = mllm_loader(family)
+    q = torch.randn(N, mllm.width)
+    odd = [
+        [Image.new("RGB", (1, 1), (255, 0, 0))],
+        [Image.new("RGBA", (32, 32), (255, 0, 0, 128))],
+        [Image.new("L", (32, 20), 128)],
+    ]
+    with torch.no_grad():
+        out = mllm.encode(["a", "b", "c"], odd, q)
+    assert out.shape == (3, N, mllm.width) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("family", VISION_FAMILIES)
+def test_too_many_images_is_a_named_error(mllm_loader, family):
+    mllm = mllm_loader(family)
+    with pytest.raises(ValueError, match=r"sample 0 has 9 images.*at most 8"):
+        mllm.prepare(["x"], [[red()] * 9], num_queries=N)
+
+
+def test_text_only_model_rejects_images(mllm_loader):
+    with pytest.raises(ValueError, match="at most 0"):
+        mllm_loader("qwen2").prepare(["x"], [[red()]], num_queries=N)
+
+
+def test_image_lists_must_match_prompts(mllm_loader):
+    with pytest.raises(ValueError, match="2 samples but 1 prompts"):
+        mllm_loader("qwen2_5_vl").prepare(["x"], [[red()], []], num_queries=N)
+
+
+def test_unknown_model_type_lists_supported(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="unsupported MLLM model_type 'gpt2'") as e:
+        load_mllm(tmp_path)
+    for name in MLLM_ADAPTERS:
+        assert name in str(e.value)
+
+
+def test_folder_that_is_not_a_model(tmp_path):
+    with pytest.raises(ValueError, match="has no config.json"):
+        load_mllm(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_mllm(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("family", VISION_FAMILIES)
+def test_understanding_generate_runs(mllm_loader, family):
+    out = mllm_loader(family).generate_text(["what colour is it?"], [[red()]], max_new_tokens=3)
+    assert len(out) == 1 and isinstance(out[0], str)
