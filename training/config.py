@@ -1,0 +1,112 @@
+"""The typed config tree of `python -m training.run`. Defaults follow the MetaQuery reference recipe where it states
+one (AdamW betas (0.9, 0.95), grad clip 0.5, cosine schedule with warm-up, 10% condition dropout per kind)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from metaqueries_core.mllm import DEFAULT_SYSTEM_PROMPT
+
+
+@dataclass
+class ConnectorSection:
+    depth: int = 24  # reference: 24 bidirectional Qwen2-style layers
+    width: int | None = None  # None: the MLLM width
+    heads: int | None = None  # None: width // 64
+    mlp_ratio: float = 4.0
+    layer_style: Literal["qwen2", "siglip"] = "qwen2"
+    pos_embed: Literal["rope", "none"] = "rope"
+    qk_norm: bool = True
+    projection: Literal["mlp_norm", "linear"] = "mlp_norm"
+    out_norm_scale: float | None = None  # None: sqrt(5.5) for Sana, 1.0 for SD1.5 (reference)
+    init_std: float = 0.014
+
+
+@dataclass
+class ModelSection:
+    mllm: str = ""  # local Hugging Face folder of the frozen MLLM
+    decoder: str = ""  # local diffusers folder (Sana or SD1.5)
+    init_checkpoint: str | None = None  # a MetaQuery checkpoint to start from (instruct starts from pretrain)
+    num_queries: int = 64  # 64-256 for Sana, 77 for SD1.5
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
+    max_prompt_tokens: int = 256
+    connector: ConnectorSection = field(default_factory=ConnectorSection)
+    decoder_mode: Literal["frozen", "full", "lora"] = "frozen"  # the MLLM is always frozen
+    lora_rank: int = 16
+    mllm_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+
+    def __post_init__(self) -> None:
+        if self.num_queries < 1:
+            raise ValueError(f"model.num_queries must be >= 1, got {self.num_queries}")
+
+
+@dataclass
+class DataSection:
+    kind: Literal["toyworld", "webdataset", "hf", "jsonl"] = "toyworld"
+    path: str = ""  # shards dir / glob, dataset folder, or JSONL manifest; unused for toyworld
+    resolution: int = 512  # training image side (square); toyworld uses its own size
+    random_crop: bool = False
+    buckets: list[list[int]] | None = None  # aspect-ratio buckets [[w, h], ...] instead of one resolution
+    layout: Literal["auto", "caption", "metaquery_instruct", "omniedit"] = "auto"  # hf column layout
+    toyworld_size: int = 32  # toy image side
+    toyworld_seed: int = 0
+    toyworld_subject_fraction: float = 0.3  # instruct stage: share of subject-driven pairs (rest: edits)
+    cache_latents: bool = False  # encode targets with the VAE once, before training (frozen VAE)
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1e-4
+    queries_lr: float | None = None  # None: lr
+    decoder_lr: float | None = None  # None: lr
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.05  # only on trained matrices, never on norms, biases or the queries
+    grad_clip: float = 0.5
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+
+
+@dataclass
+class TrainSection:
+    stage: Literal["pretrain", "instruct"] = "pretrain"
+    steps: int = 1000
+    batch_size: int = 16  # per process
+    grad_accum: int = 1
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, none on CPU
+    gradient_checkpointing: bool = False
+    prefix_cache: bool = True  # run the prompt once without autograd into the KV cache (same gradients, faster)
+    seed: int = 0
+    drop_caption: float = 0.1  # pretrain: empty caption; instruct: drop the instruction
+    drop_both: float = 0.1  # instruct: drop caption and images
+    drop_images: float = 0.1  # instruct: black images of the same size
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    sample_every: int = 500  # 0: never
+    sample_prompts: list[str] = field(default_factory=lambda: ["a red circle on the left", "two blue squares"])
+    sample_steps: int = 20
+    guidance: float = 4.5
+    image_guidance: float = 1.5
+    log_every: int = 10
+    output_dir: str = "runs/default"
+    resume: bool = False  # continue from the newest complete checkpoint in output_dir
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"
+    export_name: str = "metaquery.safetensors"
+
+    def __post_init__(self) -> None:
+        for name in ("drop_caption", "drop_both", "drop_images"):
+            p = getattr(self, name)
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"train.{name} must be in [0, 1], got {p}")
+        if self.drop_caption + self.drop_both + self.drop_images > 1.0:
+            raise ValueError("train.drop_caption + drop_both + drop_images must not exceed 1")
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("train.steps, batch_size and grad_accum must be >= 1")
+
+
+@dataclass
+class RunConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)

@@ -1,0 +1,50 @@
+"""AdamW parameter groups (weight decay only on trained matrices) and the warm-up + cosine schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .config import OptimSection
+
+
+def param_groups(modules: dict[str, nn.Module], cfg: OptimSection) -> list[dict]:
+    """One group per (role, decay) pair. Roles: 'queries', 'connector', 'decoder'. Norm weights, biases and the
+    queries get no weight decay: decaying them pulls toward zero with no regularising purpose."""
+    lrs = {"queries": cfg.queries_lr or cfg.lr, "connector": cfg.lr, "decoder": cfg.decoder_lr or cfg.lr}
+    groups = []
+    for role, module in modules.items():
+        decay, no_decay = [], []
+        for p in module.parameters():
+            if not p.requires_grad:
+                continue
+            (decay if p.ndim >= 2 and role != "queries" else no_decay).append(p)
+        if role not in lrs:
+            raise ValueError(f"unknown parameter role {role!r}; expected one of {sorted(lrs)}")
+        for params, wd, tag in ((decay, cfg.weight_decay, "decay"), (no_decay, 0.0, "no_decay")):
+            if params:
+                groups.append({"params": params, "lr": lrs[role], "weight_decay": wd, "name": f"{role}/{tag}"})
+    if not groups:
+        raise ValueError("nothing to train: no parameter requires a gradient")
+    return groups
+
+
+def warmup_cosine(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier: linear warm-up to 1 over `warmup` steps, then cosine down to `min_ratio` at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(
+    modules: dict[str, nn.Module], cfg: OptimSection, total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    opt = torch.optim.AdamW(param_groups(modules, cfg), betas=tuple(cfg.betas))
+    warmup = min(cfg.warmup_steps, max(0, total_steps - 1))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: warmup_cosine(s, warmup=warmup, total=total_steps, min_ratio=cfg.min_lr_ratio)
+    )
+    return opt, sched

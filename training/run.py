@@ -1,0 +1,34 @@
+"""`python -m training.run CONFIG.yaml [--section.key=value ...]`; with no config, the embedded toy-world job."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from .config import RunConfig
+from .config_io import ConfigError, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "diffusers", "accelerate", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    config_path = argv.pop(0) if argv and not argv[0].startswith("-") and "=" not in argv[0] else None
+    if config_path is None and not any(a.startswith("--model.") for a in argv):
+        from .toyjob import run_toy_job
+
+        return run_toy_job(argv)
+    try:
+        cfg = load_config(RunConfig, config_path, argv)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    from .trainer import train
+
+    train(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
