@@ -55,7 +55,10 @@ def check_model_folder(path: PathLike, *, family: str, denoiser_subfolder: str) 
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(f"{family} decoder folder {folder} does not exist or is not a folder")
-    missing = [name for name in (denoiser_subfolder, "vae") if not (folder / name / "config.json").is_file()]
+    # a pixel-space model declares "vae": [null, null] in model_index.json and has no vae/ folder
+    pixel_space = (read_json(folder / "model_index.json") or {}).get("vae") == [None, None]
+    needed = (denoiser_subfolder,) if pixel_space else (denoiser_subfolder, "vae")
+    missing = [name for name in needed if not (folder / name / "config.json").is_file()]
     if missing:
         raise FileNotFoundError(
             f"{folder} is not a {family} diffusers folder: missing {', '.join(f'{m}/config.json' for m in missing)} "

@@ -18,6 +18,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import Tensor
 
 from .base import DecoderAdapter, PathLike, check_model_folder, load_component, read_json, scheduler_from_config
+from .pixel import PixelSpace
 
 # Sana's released 1024px checkpoints sample with flow_shift 3.0; used only when the folder has no scheduler config.
 DEFAULT_FLOW_SHIFT = 3.0
@@ -47,13 +48,13 @@ class SanaAdapter(DecoderAdapter):
     unavailable_reason = "Sana is a flow-matching model and {name!r} is a noise-prediction (DDPM-family) sampler"
 
     denoiser: SanaTransformer2DModel
-    vae: AutoencoderDC
+    vae: AutoencoderDC | PixelSpace
 
     def __init__(
         self,
         *,
         transformer: SanaTransformer2DModel,
-        vae: AutoencoderDC,
+        vae: AutoencoderDC | PixelSpace,
         scheduler_config: dict[str, Any] | None = None,
         flow_shift: float | None = None,
         train_shift: float = 1.0,
@@ -107,7 +108,11 @@ class SanaAdapter(DecoderAdapter):
         ``train_shift`` shifts the training noise levels (1.0 = uniform)."""
         folder = check_model_folder(path, family=cls.family, denoiser_subfolder=cls.denoiser_subfolder)
         transformer = load_component(SanaTransformer2DModel, folder, "transformer", dtype=dtype, variant=variant)
-        vae = load_component(AutoencoderDC, folder, "vae", dtype=vae_dtype or dtype, variant=variant)
+        index = read_json(folder / "model_index.json") or {}
+        if not (folder / "vae").is_dir() and index.get("vae") == [None, None]:
+            vae = PixelSpace().to(dtype=vae_dtype or dtype)  # a pixel-space model: no autoencoder
+        else:
+            vae = load_component(AutoencoderDC, folder, "vae", dtype=vae_dtype or dtype, variant=variant)
         adapter = cls(
             transformer=transformer,
             vae=vae,

@@ -58,12 +58,16 @@ def write_tiny_sana(
     patch_size: int = 1,
     flow_shift: float = 3.0,
     seed: int = 0,
+    pixel_space: bool = False,
 ) -> Path:
     """Write a tiny Sana decoder (``SanaTransformer2DModel`` + ``AutoencoderDC`` + Sana's DPM++ flow scheduler config).
 
     The DC-AE downsamples by ``2 ** (len(vae_block_out_channels) - 1)``; images must be multiples of that times
-    ``patch_size``. Returns the folder."""
+    ``patch_size``. With ``pixel_space`` there is no DC-AE: the transformer denoises RGB (3 channels) directly.
+    Returns the folder."""
     root = Path(folder)
+    if pixel_space:
+        latent_channels = 3
     inner = num_attention_heads * attention_head_dim
     transformer = _build(
         seed,
@@ -82,26 +86,30 @@ def write_tiny_sana(
         ),
     )
     n = len(vae_block_out_channels)
-    vae = _build(
-        seed + 1,
-        lambda: AutoencoderDC(
-            in_channels=3,
-            latent_channels=latent_channels,
-            attention_head_dim=2,
-            encoder_block_types=("ResBlock",) + ("EfficientViTBlock",) * (n - 1),
-            decoder_block_types=("ResBlock",) + ("EfficientViTBlock",) * (n - 1),
-            encoder_block_out_channels=tuple(vae_block_out_channels),
-            decoder_block_out_channels=tuple(vae_block_out_channels),
-            encoder_layers_per_block=(1,) * n,
-            decoder_layers_per_block=(1,) * n,
-            encoder_qkv_multiscales=((),) + ((5,),) * (n - 1),
-            decoder_qkv_multiscales=((),) + ((5,),) * (n - 1),
-            downsample_block_type="conv",
-            upsample_block_type="interpolate",
-            decoder_norm_types="rms_norm",
-            decoder_act_fns="silu",
-            scaling_factor=0.41407,
-        ),
+    vae = (
+        None
+        if pixel_space
+        else _build(
+            seed + 1,
+            lambda: AutoencoderDC(
+                in_channels=3,
+                latent_channels=latent_channels,
+                attention_head_dim=2,
+                encoder_block_types=("ResBlock",) + ("EfficientViTBlock",) * (n - 1),
+                decoder_block_types=("ResBlock",) + ("EfficientViTBlock",) * (n - 1),
+                encoder_block_out_channels=tuple(vae_block_out_channels),
+                decoder_block_out_channels=tuple(vae_block_out_channels),
+                encoder_layers_per_block=(1,) * n,
+                decoder_layers_per_block=(1,) * n,
+                encoder_qkv_multiscales=((),) + ((5,),) * (n - 1),
+                decoder_qkv_multiscales=((),) + ((5,),) * (n - 1),
+                downsample_block_type="conv",
+                upsample_block_type="interpolate",
+                decoder_norm_types="rms_norm",
+                decoder_act_fns="silu",
+                scaling_factor=0.41407,
+            ),
+        )
     )
     # Sana's released scheduler config: DPM-Solver++ 2M on flow sigmas.
     scheduler = DPMSolverMultistepScheduler(
@@ -114,14 +122,15 @@ def write_tiny_sana(
     )
     root.mkdir(parents=True, exist_ok=True)
     transformer.save_pretrained(root / "transformer")
-    vae.save_pretrained(root / "vae")
+    if vae is not None:
+        vae.save_pretrained(root / "vae")
     scheduler.save_pretrained(root / "scheduler")
     _write_model_index(
         root,
         "SanaPipeline",
         {
             "transformer": "SanaTransformer2DModel",
-            "vae": "AutoencoderDC",
+            "vae": "AutoencoderDC" if vae is not None else None,
             "scheduler": "DPMSolverMultistepScheduler",
             "text_encoder": None,
             "tokenizer": None,

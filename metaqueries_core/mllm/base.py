@@ -163,19 +163,16 @@ class MLLMAdapter(ABC):
         return out
 
     @torch.no_grad()
-    def prepare(
+    def tokenize(
         self,
         prompts: list[str],
         images: list[list[Image.Image]] | None = None,
         *,
-        num_queries: int = 0,
         system_prompt: str | None | Default = DEFAULT,
         max_prompt_tokens: int | None = None,
-    ) -> PromptBatch:
-        """Tokenise prompts (+ images), left-pad, append `num_queries` slots, embed with vision features merged.
-
-        `system_prompt` / `max_prompt_tokens` default to the adapter's; a checkpoint passes the ones it was trained with.
-        """
+    ) -> tuple[list[list[int]], list[torch.Tensor], dict[str, Any]]:
+        """Chat-formatted token rows (image placeholders expanded to the feature counts), the vision features per
+        image (each (n_i, D)) and the family's pixel kwargs. Shared by `prepare` and by captioning / teaching."""
         system_prompt = self.system_prompt if system_prompt is DEFAULT else system_prompt
         max_tokens = self.max_prompt_tokens if max_prompt_tokens is None else max_prompt_tokens
         if isinstance(prompts, str):
@@ -194,6 +191,29 @@ class MLLMAdapter(ABC):
                     )
                 text = parts[0] + "".join(self.image_token * next(counts) + p for p in parts[1:])
             rows.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return rows, feats, extra
+
+    def forward_kwargs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, extra: dict[str, Any]) -> dict:
+        """Keyword arguments of the family's own HF forward / generate for these tokens."""
+        return {"input_ids": input_ids, "attention_mask": attention_mask, **extra}
+
+    @torch.no_grad()
+    def prepare(
+        self,
+        prompts: list[str],
+        images: list[list[Image.Image]] | None = None,
+        *,
+        num_queries: int = 0,
+        system_prompt: str | None | Default = DEFAULT,
+        max_prompt_tokens: int | None = None,
+    ) -> PromptBatch:
+        """Tokenise prompts (+ images), left-pad, append `num_queries` slots, embed with vision features merged.
+
+        `system_prompt` / `max_prompt_tokens` default to the adapter's; a checkpoint passes the ones it was trained with.
+        """
+        rows, feats, extra = self.tokenize(
+            prompts, images, system_prompt=system_prompt, max_prompt_tokens=max_prompt_tokens
+        )
         input_ids, attention_mask = left_pad(rows, self.pad_id, num_queries)  # (B, L)
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         embeds = self.language_model.get_input_embeddings()(input_ids)  # (B, L, D)
@@ -204,7 +224,7 @@ class MLLMAdapter(ABC):
             embeds[:, -num_queries:] = 0
         position_ids = self.position_ids(input_ids, attention_mask, extra)
         n = input_ids.shape[1] - num_queries
-        model_inputs = {"input_ids": input_ids[:, :n], "attention_mask": attention_mask[:, :n], **extra}
+        model_inputs = self.forward_kwargs(input_ids[:, :n], attention_mask[:, :n], extra)
         return PromptBatch(input_ids, attention_mask, position_ids, embeds, num_queries, model_inputs)
 
     @property

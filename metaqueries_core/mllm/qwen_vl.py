@@ -55,8 +55,7 @@ class QwenVLAdapter(MLLMAdapter):
         )
         return positions  # (3, B, L)
 
-    def prepare(self, prompts, images=None, **kwargs):
-        batch = super().prepare(prompts, images, **kwargs)
-        n = batch.prompt_length
-        batch.model_inputs["mm_token_type_ids"] = (batch.input_ids[:, :n] == self.image_token_id).int()
-        return batch
+    def forward_kwargs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, extra: dict[str, Any]) -> dict:
+        # the HF model needs the token types to build multimodal rotary positions
+        token_types = (input_ids == self.image_token_id).int()  # (B, L)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": token_types, **extra}

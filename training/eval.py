@@ -1,0 +1,104 @@
+"""GenEval-style scoring of a MetaQuery model in the toy world, plus the frozen MLLM's understanding accuracy.
+
+`python -m training.eval MODELS_DIR` scores the models a toy job exported (MLLM folder, decoder folder, checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from metaqueries_core.images import tensor_to_pil
+from metaqueries_core.sampling import Guidance, generate
+from metaqueries_core.toyworld import ToyWorld, score_edit, score_image, score_subject, summarise
+
+from .samples import grid
+from .toy.teach import understanding_accuracy
+
+log = logging.getLogger(__name__)
+
+
+def _generate_all(
+    mllm, head, decoder, prompts: list[str], images: list[list[Image.Image]] | None, size: int, kw: dict, batch: int
+) -> list[Image.Image]:
+    out: list[Image.Image] = []
+    for start in range(0, len(prompts), batch):
+        sl = slice(start, start + batch)
+        imgs = None if images is None else images[sl]
+        out += tensor_to_pil(generate(mllm, head, decoder, prompts[sl], images=imgs, height=size, width=size, **kw))
+    return out
+
+
+def _score(kind: str, outputs: list[Image.Image], truths: list, heldout: list[bool], scorer: Callable) -> dict:
+    results = [(scorer(img, scene), h) for img, scene, h in zip(outputs, truths, heldout)]
+    summary = summarise(results)
+    log.info("%s: all %.3f (seen %.3f, held-out %.3f)", kind, summary["overall"].get("all", 0.0),
+             summary["seen"].get("all", float("nan")), summary["heldout"].get("all", float("nan")))
+    return summary
+
+
+@torch.no_grad()
+def evaluate(
+    mllm, head, decoder, world: ToyWorld, *, n_two: int = 60, n_edit: int = 60, n_subject: int = 40,
+    n_qa: int = 200, steps: int = 20, guidance: Guidance = Guidance(scale=3.0, image_scale=1.5), seed: int = 0,
+    batch: int = 64, grid_path: Path | None = None,
+) -> dict:
+    """Scores per task, seen vs held-out. Edits and subject pairs use half held-out, half seen sources."""
+    kw = {"steps": steps, "guidance": guidance, "seed": seed}
+    size = world.size
+    scores: dict = {}
+    shown: list[list[Image.Image]] = []
+    for kind, n in (("single", None), ("two_object", n_two)):
+        prompts = world.eval_prompts(kind, n)
+        outs = _generate_all(mllm, head, decoder, [p.prompt for p in prompts], None, size, kw, batch)
+        scores[kind] = _score(kind, outs, [p.scene for p in prompts], [p.heldout for p in prompts], score_image)
+        shown.append(outs[:8])
+    edits = world.edit_samples("eval_heldout", n_edit // 2) + world.edit_samples("eval_seen", n_edit - n_edit // 2)
+    outs = _generate_all(mllm, head, decoder, [e.instruction for e in edits], [[e.source_image] for e in edits],
+                         size, kw, batch)
+    heldout = [i < n_edit // 2 for i in range(len(edits))]
+    scores["edit"] = _score("edit", outs, [e.target_scene for e in edits], heldout, score_edit)
+    shown.append([im for e, o in list(zip(edits, outs))[:4] for im in (e.source_image, o)])
+    subj = world.subject_samples("eval_heldout", n_subject // 2) + world.subject_samples(
+        "eval_seen", n_subject - n_subject // 2)
+    outs = _generate_all(mllm, head, decoder, [s.prompt for s in subj], [list(s.references) for s in subj],
+                         size, kw, batch)
+    heldout = [i < n_subject // 2 for i in range(len(subj))]
+    scores["subject"] = _score("subject", outs, [s.target_scene for s in subj], heldout, score_subject)
+    scores["understanding"] = {
+        split: understanding_accuracy(mllm, world, split, n_qa)["accuracy"] for split in ("eval_seen", "eval_heldout")
+    }
+    if grid_path is not None:
+        grid_path.parent.mkdir(parents=True, exist_ok=True)
+        grid(shown).resize((grid(shown).width * 4, grid(shown).height * 4), Image.NEAREST).save(grid_path)
+    return scores
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("models", type=Path, help="models folder of a toy job (LLM/, diffusers/, metaqueries/)")
+    parser.add_argument("--out", type=Path, default=None, help="scores JSON (default: MODELS/../scores.json)")
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from .toyjob import load_exported
+
+    mllm, head, decoder = load_exported(args.models)
+    scores = evaluate(mllm, head, decoder, ToyWorld(size=args.size, seed=args.seed),
+                      grid_path=(args.out or args.models.parent / "scores.json").with_suffix(".png"))
+    out = args.out or args.models.parent / "scores.json"
+    out.write_text(json.dumps(scores, indent=2))
+    print(json.dumps(scores, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The embedded default job: the whole MetaQuery chain in the offline toy world, on a CPU."""

@@ -1,0 +1,125 @@
+"""Stage 1 of the toy job: teach a tiny MLLM to understand the toy world (image or caption in, text out), before it
+is frozen for good. A real MetaQuery run starts from an MLLM that already understands; this makes ours one.
+
+Tasks (all answered in the assistant turn of the same chat format the queries later follow):
+describe an image; restate a caption canonically (text-only prompts, as in text-to-image); answer a question about an
+image; describe the result of an edit instruction on an image; place "the object from the image" as a prompt says.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from metaqueries_core.mllm import MLLMAdapter
+from metaqueries_core.mllm.base import freeze
+from metaqueries_core.toyworld import Scene, ToyWorld, scene_to_text
+
+log = logging.getLogger(__name__)
+
+DESCRIBE = "describe the image."
+TASKS = ("describe", "restate", "qa", "edit", "subject")
+
+
+@dataclass
+class TeachConfig:
+    steps: int = 600
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup: int = 50
+    weights: tuple[float, ...] = (0.2, 0.25, 0.25, 0.2, 0.1)  # per task in TASKS order
+    seed: int = 0
+
+
+def describe(scene: Scene) -> str:
+    """Every object with its colour, shape and position (what the image shows, not only what a caption claims)."""
+    return scene_to_text(Scene(scene.objects, "placed"))
+
+
+def example(world: ToyWorld, task: str, index: int, split: str = "train") -> tuple[str, list, str]:
+    """(prompt, images, answer) of one teaching example."""
+    if task == "describe":
+        s = world.caption_sample(split, index)
+        return DESCRIBE, [s.image], describe(s.scene)
+    if task == "restate":
+        s = world.caption_sample(split, index)
+        return s.caption, [], scene_to_text(s.scene)
+    if task == "qa":
+        s = world.qa_sample(split, index)
+        return s.question, [s.image], s.answer
+    if task == "edit":
+        e = world.edit_sample(split, index)
+        return e.instruction, [e.source_image], describe(e.target_scene)
+    if task == "subject":
+        s = world.subject_sample(split, index)
+        return s.prompt, list(s.references), scene_to_text(s.target_scene)
+    raise ValueError(f"unknown teaching task {task!r}; known: {list(TASKS)}")
+
+
+def lm_batch(mllm: MLLMAdapter, examples: list[tuple[str, list, str]]) -> dict:
+    """Left-padded prompt + answer + end-of-turn tokens, with labels only on the answer and end-of-turn."""
+    rows, _, extra = mllm.tokenize([p for p, _, _ in examples], [im for _, im, _ in examples] if any(
+        im for _, im, _ in examples) else None)
+    eos = mllm.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    seqs, labels = [], []
+    for row, (_, _, answer) in zip(rows, examples):
+        ans = mllm.tokenizer(answer, add_special_tokens=False)["input_ids"] + [eos]
+        seqs.append(row + ans)
+        labels.append([-100] * len(row) + ans)
+    length = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), length), mllm.pad_id, dtype=torch.long)
+    lab = torch.full((len(seqs), length), -100, dtype=torch.long)
+    mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    for i, (s, lb) in enumerate(zip(seqs, labels)):
+        ids[i, length - len(s) :], lab[i, length - len(s) :], mask[i, length - len(s) :] = (
+            torch.tensor(s), torch.tensor(lb), 1
+        )
+    kwargs = mllm.forward_kwargs(ids.to(mllm.device), mask.to(mllm.device), extra)
+    return {**kwargs, "labels": lab.to(mllm.device)}
+
+
+def teach(mllm: MLLMAdapter, world: ToyWorld, cfg: TeachConfig) -> list[float]:
+    """Train the whole MLLM (vision tower included) on the teaching tasks; it is frozen again at the end."""
+    model = mllm.model
+    model.train()
+    model.requires_grad_(True)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * max(0.05, 1 - s / cfg.steps)
+    )
+    rng = np.random.default_rng(cfg.seed)
+    p = np.asarray(cfg.weights) / np.sum(cfg.weights)
+    losses = []
+    bar = tqdm(range(cfg.steps), desc="teach MLLM")
+    for step in bar:
+        tasks = rng.choice(len(TASKS), cfg.batch_size, p=p)
+        examples = [example(world, TASKS[t], step * cfg.batch_size + i) for i, t in enumerate(tasks)]
+        loss = model(**lm_batch(mllm, examples)).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
+    freeze(model)
+    return losses
+
+
+@torch.no_grad()
+def understanding_accuracy(mllm: MLLMAdapter, world: ToyWorld, split: str, n: int = 200, batch: int = 50) -> dict:
+    """Exact-match accuracy of the MLLM's answers to toy-world questions (and the answers themselves, so two runs
+    can be compared sample by sample)."""
+    answers, correct = [], 0
+    for start in range(0, n, batch):
+        samples = [world.qa_sample(split, i) for i in range(start, min(n, start + batch))]
+        out = mllm.generate_text([s.question for s in samples], [[s.image] for s in samples], max_new_tokens=4)
+        for s, a in zip(samples, out):
+            answers.append(a)
+            correct += a.strip() == s.answer
+    return {"accuracy": correct / n, "answers": answers}

@@ -1,0 +1,198 @@
+"""The embedded default job: `python -m training.run` with no config.
+
+Chain (each stage reuses its output when it is already there): build the world, teach a tiny Qwen2.5-VL-class MLLM
+to understand it and freeze it, pretrain queries + connector + a tiny pixel-space Sana-class decoder on captions,
+instruction-tune on edits and subject pairs, export a ComfyUI `models/` folder, score (GenEval-style) and write a
+sample grid. Override any field with `--key=value` (e.g. `--out=/tmp/toy --pretrain_steps=300`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from metaqueries_core.checkpoint import load_checkpoint
+from metaqueries_core.decoders import load_decoder
+from metaqueries_core.decoders.tiny import write_tiny_sana
+from metaqueries_core.mllm import load_mllm
+from metaqueries_core.sampling import Guidance
+from metaqueries_core.tinykit import TinySize, write_tiny_mllm
+from metaqueries_core.toyworld import ToyWorld, all_text
+
+from .config import ConnectorSection, DataSection, ModelSection, OptimSection, RunConfig, TrainSection
+from .config_io import ConfigError, load_config, save_config
+from .toy.teach import TeachConfig, teach, understanding_accuracy
+
+log = logging.getLogger(__name__)
+
+MLLM_NAME = "metaqueries-toy-qwen2_5_vl"
+DECODER_NAME = "metaqueries-toy-sana"
+CHECKPOINT_NAME = "metaqueries-toy.safetensors"
+SYSTEM_PROMPT = "Describe the image or caption."  # short: the toy MLLM is small and every token costs CPU time
+
+
+@dataclass
+class ToyJobConfig:
+    out: str = "outputs/toy"  # everything lands here; models/ is a ComfyUI-style models folder
+    seed: int = 0
+    image_size: int = 32
+    # the MLLM (Qwen2.5-VL class)
+    mllm_width: int = 128
+    mllm_layers: int = 4
+    teach_steps: int = 400
+    teach_batch: int = 32
+    teach_lr: float = 3e-3
+    # the MetaQuery head
+    num_queries: int = 16
+    connector_depth: int = 2
+    # the decoder (pixel-space Sana class)
+    decoder_layers: int = 4
+    decoder_heads: int = 4
+    decoder_head_dim: int = 32
+    decoder_patch: int = 2
+    # generation training
+    batch_size: int = 32
+    pretrain_steps: int = 1500
+    instruct_steps: int = 500
+    lr: float = 1e-3
+    queries_lr: float = 3e-3
+    # scoring
+    eval_steps: int = 20
+    guidance: float = 3.0
+    image_guidance: float = 1.5
+    force: bool = False  # redo every stage even when its output exists
+
+
+def mllm_size(cfg: ToyJobConfig) -> TinySize:
+    return TinySize(width=cfg.mllm_width, layers=cfg.mllm_layers, heads=4, kv_heads=2, vision_width=64,
+                    vision_layers=2, patch=4, vocab_size=600)
+
+
+def stage_teach(cfg: ToyJobConfig, work: Path, world: ToyWorld) -> Path:
+    folder = work / "mllm"
+    if (folder / "understanding.json").is_file() and not cfg.force:
+        log.info("teach: reusing %s", folder)
+        return folder
+    t0 = time.perf_counter()
+    write_tiny_mllm("qwen2_5_vl", folder, size=mllm_size(cfg), texts=[*all_text(), SYSTEM_PROMPT], seed=cfg.seed)
+    mllm = load_mllm(folder, system_prompt=SYSTEM_PROMPT)
+    losses = teach(mllm, world, TeachConfig(steps=cfg.teach_steps, batch_size=cfg.teach_batch, lr=cfg.teach_lr,
+                                           seed=cfg.seed))
+    mllm.model.save_pretrained(folder)
+    acc = {split: understanding_accuracy(mllm, world, split) for split in ("eval_seen", "eval_heldout")}
+    record = {"seconds": time.perf_counter() - t0, "loss_first": losses[0], "loss_last": losses[-1], **acc}
+    (folder / "understanding.json").write_text(json.dumps(record, indent=2))
+    log.info("teach: understanding accuracy seen %.3f, held-out %.3f", acc["eval_seen"]["accuracy"],
+             acc["eval_heldout"]["accuracy"])
+    return folder
+
+
+def run_config(cfg: ToyJobConfig, work: Path, stage: str, mllm: Path, decoder: Path, init: Path | None) -> RunConfig:
+    steps = cfg.pretrain_steps if stage == "pretrain" else cfg.instruct_steps
+    return RunConfig(
+        model=ModelSection(
+            mllm=str(mllm), decoder=str(decoder), init_checkpoint=str(init) if init else None,
+            num_queries=cfg.num_queries, system_prompt=SYSTEM_PROMPT, max_prompt_tokens=64,
+            connector=ConnectorSection(depth=cfg.connector_depth, init_std=0.02), decoder_mode="full",
+        ),
+        data=DataSection(kind="toyworld", toyworld_size=cfg.image_size, toyworld_seed=cfg.seed),
+        optim=OptimSection(lr=cfg.lr, queries_lr=cfg.queries_lr, warmup_steps=min(100, steps // 10),
+                           weight_decay=0.0, grad_clip=1.0),
+        train=TrainSection(
+            stage=stage, steps=steps, batch_size=cfg.batch_size, seed=cfg.seed, checkpoint_every=max(100, steps // 4),
+            sample_every=0, log_every=25, output_dir=str(work / stage), guidance=cfg.guidance,
+            image_guidance=cfg.image_guidance, sample_steps=cfg.eval_steps, export_name="metaquery.safetensors",
+            resume=not cfg.force,
+        ),
+    )
+
+
+def stage_train(cfg: ToyJobConfig, work: Path, stage: str, mllm: Path, decoder: Path, init: Path | None) -> Path:
+    from .trainer import train
+
+    export = work / stage / "metaquery.safetensors"
+    if export.is_file() and not cfg.force:
+        log.info("%s: reusing %s", stage, export)
+        return export
+    return train(run_config(cfg, work, stage, mllm, decoder, init))
+
+
+def stage_export(cfg: ToyJobConfig, models: Path, mllm: Path, decoder_init: Path, final: Path) -> None:
+    """A ComfyUI models folder: LLM/<mllm>, diffusers/<decoder with trained weights>, metaqueries/<checkpoint>."""
+    llm_dir, dec_dir, ckpt = models / "LLM" / MLLM_NAME, models / "diffusers" / DECODER_NAME, models / "metaqueries"
+    for d in (llm_dir, dec_dir):
+        if d.exists():
+            shutil.rmtree(d)
+    shutil.copytree(mllm, llm_dir, ignore=shutil.ignore_patterns("understanding.json"))
+    shutil.copytree(decoder_init, dec_dir)
+    _, _, decoder_state = load_checkpoint(final)
+    decoder = load_decoder(dec_dir)
+    decoder.denoiser.load_state_dict(decoder_state)
+    decoder.denoiser.save_pretrained(dec_dir / "transformer")
+    ckpt.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(final, ckpt / CHECKPOINT_NAME)
+    log.info("export: %s", models)
+
+
+def load_exported(models: Path):
+    """(mllm, head, decoder) from an exported models folder, checked against each other."""
+    from metaqueries_core.checkpoint import check_compatible
+
+    config, head, decoder_state = load_checkpoint(models / "metaqueries" / CHECKPOINT_NAME)
+    mllm = load_mllm(models / "LLM" / MLLM_NAME)
+    decoder = load_decoder(models / "diffusers" / DECODER_NAME)
+    check_compatible(config, mllm=mllm, decoder=decoder)
+    if decoder_state:
+        decoder.denoiser.load_state_dict(decoder_state)
+    return mllm, head.eval(), decoder
+
+
+def stage_score(cfg: ToyJobConfig, out: Path, models: Path, world: ToyWorld, teach_record: dict) -> dict:
+    from .eval import evaluate
+
+    mllm, head, decoder = load_exported(models)
+    guidance = Guidance(scale=cfg.guidance, image_scale=cfg.image_guidance)
+    scores = evaluate(mllm, head, decoder, world, steps=cfg.eval_steps, guidance=guidance, seed=cfg.seed,
+                      grid_path=out / "samples.png")
+    before = {k: teach_record[k]["answers"] for k in ("eval_seen", "eval_heldout")}
+    after = {k: understanding_accuracy(mllm, world, k)["answers"] for k in before}
+    scores["understanding_unchanged"] = before == after
+    return scores
+
+
+def run_toy_job(argv: list[str]) -> int:
+    try:
+        cfg = load_config(ToyJobConfig, None, argv)
+    except ConfigError as e:
+        print(f"config error: {e}")
+        return 2
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    work, models = out / "work", out / "models"
+    work.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "toyjob.yaml")
+    t0 = time.perf_counter()
+    world = ToyWorld(size=cfg.image_size, seed=cfg.seed)
+    mllm = stage_teach(cfg, work, world)
+    decoder_init = work / "decoder_init"
+    if not (decoder_init / "model_index.json").is_file() or cfg.force:
+        write_tiny_sana(decoder_init, caption_channels=cfg.mllm_width, sample_size=cfg.image_size,
+                        num_layers=cfg.decoder_layers, num_attention_heads=cfg.decoder_heads,
+                        attention_head_dim=cfg.decoder_head_dim, patch_size=cfg.decoder_patch, pixel_space=True,
+                        seed=cfg.seed)
+    pre = stage_train(cfg, work, "pretrain", mllm, decoder_init, None)
+    final = stage_train(cfg, work, "instruct", mllm, decoder_init, pre) if cfg.instruct_steps else pre
+    stage_export(cfg, models, mllm, decoder_init, final)
+    teach_record = json.loads((mllm / "understanding.json").read_text())
+    scores = stage_score(cfg, out, models, world, teach_record)
+    scores["wall_seconds"] = time.perf_counter() - t0
+    scores["config"] = asdict(cfg)
+    (out / "scores.json").write_text(json.dumps(scores, indent=2))
+    log.info("done in %.0f s: %s, %s, %s", scores["wall_seconds"], out / "scores.json", out / "samples.png", models)
+    return 0
