@@ -39,16 +39,32 @@ def _generate_all(
 def _score(kind: str, outputs: list[Image.Image], truths: list, heldout: list[bool], scorer: Callable) -> dict:
     results = [(scorer(img, scene), h) for img, scene, h in zip(outputs, truths, heldout)]
     summary = summarise(results)
-    log.info("%s: all %.3f (seen %.3f, held-out %.3f)", kind, summary["overall"].get("all", 0.0),
-             summary["seen"].get("all", float("nan")), summary["heldout"].get("all", float("nan")))
+    log.info(
+        "%s: all %.3f (seen %.3f, held-out %.3f)",
+        kind,
+        summary["overall"].get("all", 0.0),
+        summary["seen"].get("all", float("nan")),
+        summary["heldout"].get("all", float("nan")),
+    )
     return summary
 
 
 @torch.no_grad()
 def evaluate(
-    mllm, head, decoder, world: ToyWorld, *, n_two: int = 60, n_edit: int = 60, n_subject: int = 40,
-    n_qa: int = 200, steps: int = 20, guidance: Guidance = Guidance(scale=3.0, image_scale=1.5), seed: int = 0,
-    batch: int = 64, grid_path: Path | None = None,
+    mllm,
+    head,
+    decoder,
+    world: ToyWorld,
+    *,
+    n_two: int = 60,
+    n_edit: int = 60,
+    n_subject: int = 40,
+    n_qa: int = 200,
+    steps: int = 20,
+    guidance: Guidance = Guidance(scale=3.0, image_scale=1.5),
+    seed: int = 0,
+    batch: int = 64,
+    grid_path: Path | None = None,
 ) -> dict:
     """Scores per task, seen vs held-out. Edits and subject pairs use half held-out, half seen sources."""
     kw = {"steps": steps, "guidance": guidance, "seed": seed}
@@ -61,15 +77,18 @@ def evaluate(
         scores[kind] = _score(kind, outs, [p.scene for p in prompts], [p.heldout for p in prompts], score_image)
         shown.append(outs[:8])
     edits = world.edit_samples("eval_heldout", n_edit // 2) + world.edit_samples("eval_seen", n_edit - n_edit // 2)
-    outs = _generate_all(mllm, head, decoder, [e.instruction for e in edits], [[e.source_image] for e in edits],
-                         size, kw, batch)
+    outs = _generate_all(
+        mllm, head, decoder, [e.instruction for e in edits], [[e.source_image] for e in edits], size, kw, batch
+    )
     heldout = [i < n_edit // 2 for i in range(len(edits))]
     scores["edit"] = _score("edit", outs, [e.target_scene for e in edits], heldout, score_edit)
     shown.append([im for e, o in list(zip(edits, outs))[:4] for im in (e.source_image, o)])
     subj = world.subject_samples("eval_heldout", n_subject // 2) + world.subject_samples(
-        "eval_seen", n_subject - n_subject // 2)
-    outs = _generate_all(mllm, head, decoder, [s.prompt for s in subj], [list(s.references) for s in subj],
-                         size, kw, batch)
+        "eval_seen", n_subject - n_subject // 2
+    )
+    outs = _generate_all(
+        mllm, head, decoder, [s.prompt for s in subj], [list(s.references) for s in subj], size, kw, batch
+    )
     heldout = [i < n_subject // 2 for i in range(len(subj))]
     scores["subject"] = _score("subject", outs, [s.target_scene for s in subj], heldout, score_subject)
     scores["understanding"] = {
@@ -92,8 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     from .toyjob import load_exported
 
     mllm, head, decoder = load_exported(args.models)
-    scores = evaluate(mllm, head, decoder, ToyWorld(size=args.size, seed=args.seed),
-                      grid_path=(args.out or args.models.parent / "scores.json").with_suffix(".png"))
+    scores = evaluate(
+        mllm,
+        head,
+        decoder,
+        ToyWorld(size=args.size, seed=args.seed),
+        grid_path=(args.out or args.models.parent / "scores.json").with_suffix(".png"),
+    )
     out = args.out or args.models.parent / "scores.json"
     out.write_text(json.dumps(scores, indent=2))
     print(json.dumps(scores, indent=2))

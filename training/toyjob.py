@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 MLLM_NAME = "metaqueries-toy-qwen2_5_vl"
 DECODER_NAME = "metaqueries-toy-sana"
 CHECKPOINT_NAME = "metaqueries-toy.safetensors"
+SPLITS = ("eval_seen", "eval_heldout")
 SYSTEM_PROMPT = "Describe the image or caption."  # short: the toy MLLM is small and every token costs CPU time
 
 
@@ -63,6 +64,10 @@ class ToyJobConfig:
     lr: float = 1e-3
     queries_lr: float = 3e-3
     # scoring
+    eval_two_object: int = 60  # prompts (the 90 single-object prompts are always all scored)
+    eval_edits: int = 60  # half from held-out, half from seen sources
+    eval_subjects: int = 40
+    eval_questions: int = 200  # understanding Q/A per split
     eval_steps: int = 20
     guidance: float = 3.0
     image_guidance: float = 1.5
@@ -70,8 +75,16 @@ class ToyJobConfig:
 
 
 def mllm_size(cfg: ToyJobConfig) -> TinySize:
-    return TinySize(width=cfg.mllm_width, layers=cfg.mllm_layers, heads=4, kv_heads=2, vision_width=64,
-                    vision_layers=2, patch=4, vocab_size=600)
+    return TinySize(
+        width=cfg.mllm_width,
+        layers=cfg.mllm_layers,
+        heads=4,
+        kv_heads=2,
+        vision_width=64,
+        vision_layers=2,
+        patch=4,
+        vocab_size=600,
+    )
 
 
 def stage_teach(cfg: ToyJobConfig, work: Path, world: ToyWorld) -> Path:
@@ -82,14 +95,18 @@ def stage_teach(cfg: ToyJobConfig, work: Path, world: ToyWorld) -> Path:
     t0 = time.perf_counter()
     write_tiny_mllm("qwen2_5_vl", folder, size=mllm_size(cfg), texts=[*all_text(), SYSTEM_PROMPT], seed=cfg.seed)
     mllm = load_mllm(folder, system_prompt=SYSTEM_PROMPT)
-    losses = teach(mllm, world, TeachConfig(steps=cfg.teach_steps, batch_size=cfg.teach_batch, lr=cfg.teach_lr,
-                                           seed=cfg.seed))
+    losses = teach(
+        mllm, world, TeachConfig(steps=cfg.teach_steps, batch_size=cfg.teach_batch, lr=cfg.teach_lr, seed=cfg.seed)
+    )
     mllm.model.save_pretrained(folder)
-    acc = {split: understanding_accuracy(mllm, world, split) for split in ("eval_seen", "eval_heldout")}
+    acc = {split: understanding_accuracy(mllm, world, split, cfg.eval_questions) for split in SPLITS}
     record = {"seconds": time.perf_counter() - t0, "loss_first": losses[0], "loss_last": losses[-1], **acc}
     (folder / "understanding.json").write_text(json.dumps(record, indent=2))
-    log.info("teach: understanding accuracy seen %.3f, held-out %.3f", acc["eval_seen"]["accuracy"],
-             acc["eval_heldout"]["accuracy"])
+    log.info(
+        "teach: understanding accuracy seen %.3f, held-out %.3f",
+        acc["eval_seen"]["accuracy"],
+        acc["eval_heldout"]["accuracy"],
+    )
     return folder
 
 
@@ -97,17 +114,32 @@ def run_config(cfg: ToyJobConfig, work: Path, stage: str, mllm: Path, decoder: P
     steps = cfg.pretrain_steps if stage == "pretrain" else cfg.instruct_steps
     return RunConfig(
         model=ModelSection(
-            mllm=str(mllm), decoder=str(decoder), init_checkpoint=str(init) if init else None,
-            num_queries=cfg.num_queries, system_prompt=SYSTEM_PROMPT, max_prompt_tokens=64,
-            connector=ConnectorSection(depth=cfg.connector_depth, init_std=0.02), decoder_mode="full",
+            mllm=str(mllm),
+            decoder=str(decoder),
+            init_checkpoint=str(init) if init else None,
+            num_queries=cfg.num_queries,
+            system_prompt=SYSTEM_PROMPT,
+            max_prompt_tokens=64,
+            connector=ConnectorSection(depth=cfg.connector_depth, init_std=0.02),
+            decoder_mode="full",
         ),
         data=DataSection(kind="toyworld", toyworld_size=cfg.image_size, toyworld_seed=cfg.seed),
-        optim=OptimSection(lr=cfg.lr, queries_lr=cfg.queries_lr, warmup_steps=min(100, steps // 10),
-                           weight_decay=0.0, grad_clip=1.0),
+        optim=OptimSection(
+            lr=cfg.lr, queries_lr=cfg.queries_lr, warmup_steps=min(100, steps // 10), weight_decay=0.0, grad_clip=1.0
+        ),
         train=TrainSection(
-            stage=stage, steps=steps, batch_size=cfg.batch_size, seed=cfg.seed, checkpoint_every=max(100, steps // 4),
-            sample_every=0, log_every=25, output_dir=str(work / stage), guidance=cfg.guidance,
-            image_guidance=cfg.image_guidance, sample_steps=cfg.eval_steps, export_name="metaquery.safetensors",
+            stage=stage,
+            steps=steps,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            checkpoint_every=max(100, steps // 4),
+            sample_every=0,
+            log_every=25,
+            output_dir=str(work / stage),
+            guidance=cfg.guidance,
+            image_guidance=cfg.image_guidance,
+            sample_steps=cfg.eval_steps,
+            export_name="metaquery.safetensors",
             resume=not cfg.force,
         ),
     )
@@ -145,7 +177,7 @@ def load_exported(models: Path):
     from metaqueries_core.checkpoint import check_compatible
 
     config, head, decoder_state = load_checkpoint(models / "metaqueries" / CHECKPOINT_NAME)
-    mllm = load_mllm(models / "LLM" / MLLM_NAME)
+    mllm = load_mllm(models / "LLM" / MLLM_NAME, system_prompt=config.system_prompt)  # the format it was taught
     decoder = load_decoder(models / "diffusers" / DECODER_NAME)
     check_compatible(config, mllm=mllm, decoder=decoder)
     if decoder_state:
@@ -158,11 +190,24 @@ def stage_score(cfg: ToyJobConfig, out: Path, models: Path, world: ToyWorld, tea
 
     mllm, head, decoder = load_exported(models)
     guidance = Guidance(scale=cfg.guidance, image_scale=cfg.image_guidance)
-    scores = evaluate(mllm, head, decoder, world, steps=cfg.eval_steps, guidance=guidance, seed=cfg.seed,
-                      grid_path=out / "samples.png")
-    before = {k: teach_record[k]["answers"] for k in ("eval_seen", "eval_heldout")}
-    after = {k: understanding_accuracy(mllm, world, k)["answers"] for k in before}
-    scores["understanding_unchanged"] = before == after
+    scores = evaluate(
+        mllm,
+        head,
+        decoder,
+        world,
+        n_two=cfg.eval_two_object,
+        n_edit=cfg.eval_edits,
+        n_subject=cfg.eval_subjects,
+        n_qa=cfg.eval_questions,
+        steps=cfg.eval_steps,
+        guidance=guidance,
+        seed=cfg.seed,
+        grid_path=out / "samples.png",
+    )
+    # the frozen MLLM must answer exactly as it did right after teaching, sample by sample
+    after = {split: understanding_accuracy(mllm, world, split, cfg.eval_questions) for split in SPLITS}
+    scores["understanding_before"] = {k: teach_record[k]["accuracy"] for k in SPLITS}
+    scores["understanding_unchanged"] = all(teach_record[k]["answers"] == after[k]["answers"] for k in SPLITS)
     return scores
 
 
@@ -182,10 +227,17 @@ def run_toy_job(argv: list[str]) -> int:
     mllm = stage_teach(cfg, work, world)
     decoder_init = work / "decoder_init"
     if not (decoder_init / "model_index.json").is_file() or cfg.force:
-        write_tiny_sana(decoder_init, caption_channels=cfg.mllm_width, sample_size=cfg.image_size,
-                        num_layers=cfg.decoder_layers, num_attention_heads=cfg.decoder_heads,
-                        attention_head_dim=cfg.decoder_head_dim, patch_size=cfg.decoder_patch, pixel_space=True,
-                        seed=cfg.seed)
+        write_tiny_sana(
+            decoder_init,
+            caption_channels=cfg.mllm_width,
+            sample_size=cfg.image_size,
+            num_layers=cfg.decoder_layers,
+            num_attention_heads=cfg.decoder_heads,
+            attention_head_dim=cfg.decoder_head_dim,
+            patch_size=cfg.decoder_patch,
+            pixel_space=True,
+            seed=cfg.seed,
+        )
     pre = stage_train(cfg, work, "pretrain", mllm, decoder_init, None)
     final = stage_train(cfg, work, "instruct", mllm, decoder_init, pre) if cfg.instruct_steps else pre
     stage_export(cfg, models, mllm, decoder_init, final)

@@ -62,8 +62,9 @@ def example(world: ToyWorld, task: str, index: int, split: str = "train") -> tup
 
 def lm_batch(mllm: MLLMAdapter, examples: list[tuple[str, list, str]]) -> dict:
     """Left-padded prompt + answer + end-of-turn tokens, with labels only on the answer and end-of-turn."""
-    rows, _, extra = mllm.tokenize([p for p, _, _ in examples], [im for _, im, _ in examples] if any(
-        im for _, im, _ in examples) else None)
+    rows, _, extra = mllm.tokenize(
+        [p for p, _, _ in examples], [im for _, im, _ in examples] if any(im for _, im, _ in examples) else None
+    )
     eos = mllm.tokenizer.convert_tokens_to_ids("<|im_end|>")
     seqs, labels = [], []
     for row, (_, _, answer) in zip(rows, examples):
@@ -76,7 +77,9 @@ def lm_batch(mllm: MLLMAdapter, examples: list[tuple[str, list, str]]) -> dict:
     mask = torch.zeros((len(seqs), length), dtype=torch.long)
     for i, (s, lb) in enumerate(zip(seqs, labels)):
         ids[i, length - len(s) :], lab[i, length - len(s) :], mask[i, length - len(s) :] = (
-            torch.tensor(s), torch.tensor(lb), 1
+            torch.tensor(s),
+            torch.tensor(lb),
+            1,
         )
     kwargs = mllm.forward_kwargs(ids.to(mllm.device), mask.to(mllm.device), extra)
     return {**kwargs, "labels": lab.to(mllm.device)}
