@@ -1,5 +1,9 @@
 """Training-state checkpoints: written to a temporary folder and renamed into place, so a kill during a save
-leaves the previous checkpoint intact; the newest complete one is what `--train.resume` continues from."""
+leaves the previous checkpoint intact; the newest complete one is what `--train.resume` continues from.
+
+A checkpoint is complete when its folder has its final name (`step-XXXXXXXX`) and holds the state file, which is
+written last. Folders are only ever removed after they stop looking complete (state file first), so a kill in the
+middle of a removal cannot leave a half-deleted folder that still passes for a checkpoint."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from typing import Any
 
 STATE_FILE = "trainer_state.json"
 PREFIX = "step-"
+TEMP_PREFIX = ".tmp-"
 
 
 def checkpoint_dirs(root: Path) -> list[Path]:
@@ -28,18 +33,37 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 def temp_dir(root: Path, step: int) -> Path:
     """The folder a checkpoint is written into before it is complete (the same path on every process)."""
-    return root / f".tmp-{PREFIX}{step:08d}"
+    return root / f"{TEMP_PREFIX}{PREFIX}{step:08d}"
+
+
+def remove(folder: Path) -> None:
+    """Delete a checkpoint folder so that at no moment it is half-deleted yet complete-looking."""
+    (folder / STATE_FILE).unlink(missing_ok=True)
+    shutil.rmtree(folder)
+
+
+def remove_leftovers(root: Path) -> list[Path]:
+    """Delete temp folders of saves that were killed; returns what was removed."""
+    if not root.is_dir():
+        return []
+    stale = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(TEMP_PREFIX)]
+    for p in stale:
+        shutil.rmtree(p)
+    return stale
 
 
 def publish(root: Path, tmp: Path, step: int, state: dict[str, Any], keep: int) -> Path:
     """Add the state file (written last) and rename `tmp` to step-XXXXXXXX; then drop all but the newest `keep`."""
     final = root / f"{PREFIX}{step:08d}"
-    (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
-    if final.exists():  # re-saving the same step (e.g. after a resume): replace only once the new one is complete
-        shutil.rmtree(final)
+    with (tmp / STATE_FILE).open("w") as f:
+        json.dump(state, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    if final.exists():  # re-saving the same step (e.g. after a resume): the older copy stops counting first
+        remove(final)
     os.replace(tmp, final)
     for old in checkpoint_dirs(root)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old)
+        remove(old)
     return final
 
 

@@ -53,6 +53,7 @@ class DataSection:
     toyworld_seed: int = 0
     toyworld_subject_fraction: float = 0.3  # instruct stage: share of subject-driven pairs (rest: edits)
     cache_latents: bool = False  # encode targets with the VAE once, before training (frozen VAE)
+    latent_cache_dir: str | None = None  # None: OUTPUT_DIR/latent_cache; a shared folder lets runs reuse one cache
 
 
 @dataclass

@@ -23,6 +23,7 @@ from .samples import grid
 from .toy.teach import understanding_accuracy
 
 log = logging.getLogger(__name__)
+EVAL_GUIDANCE = Guidance(scale=3.0, image_scale=1.5)
 
 
 def _generate_all(
@@ -61,7 +62,7 @@ def evaluate(
     n_subject: int = 40,
     n_qa: int = 200,
     steps: int = 20,
-    guidance: Guidance = Guidance(scale=3.0, image_scale=1.5),
+    guidance: Guidance = EVAL_GUIDANCE,
     seed: int = 0,
     batch: int = 64,
     grid_path: Path | None = None,

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
+from pathlib import Path
 
 import torch
-from torch import nn
+from safetensors import safe_open
 
 from metaqueries_core.checkpoint import check_compatible, load_checkpoint
 from metaqueries_core.connector import ConnectorConfig
@@ -76,7 +76,8 @@ def build_head(cfg: ModelSection, mllm: MLLMAdapter, decoder: DecoderAdapter) ->
 
 
 def set_decoder_mode(decoder: DecoderAdapter, mode: str, lora_rank: int) -> None:
-    """frozen: nothing of the decoder trains; full: the whole denoiser; lora: low-rank adapters on its attention."""
+    """frozen: nothing of the decoder trains; full: the whole denoiser; lora: low-rank adapters on its attention
+    projections (peft), everything else of the denoiser frozen. The VAE never trains."""
     if mode == "frozen":
         decoder.denoiser.requires_grad_(False)
     elif mode == "full":
@@ -87,17 +88,72 @@ def set_decoder_mode(decoder: DecoderAdapter, mode: str, lora_rank: int) -> None
         except ImportError as e:
             raise ImportError("model.decoder_mode=lora needs peft: pip install 'comfyui-metaqueries[lora]'") from e
         decoder.denoiser.requires_grad_(False)
-        config = LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+        # alpha = rank: the update B A enters at scale alpha / rank = 1 whatever the rank (merge_lora_state relies on it)
+        config = LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=LORA_TARGETS)
+        # the PeftModel forwards attribute reads (`.config`, `.dtype`) to the wrapped denoiser, so the adapter's
+        # predict() works unchanged; only its parameters are named differently (base_layer / lora_A / lora_B)
         decoder.denoiser = get_peft_model(decoder.denoiser, config)
     else:
         raise ValueError(f"model.decoder_mode {mode!r} not in ['frozen', 'full', 'lora']")
+    decoder.denoiser.train(mode != "frozen")
 
 
-def decoder_export_state(decoder: DecoderAdapter, mode: str) -> dict[str, torch.Tensor] | None:
-    """Decoder weights for the node checkpoint: none when frozen, merged full weights for LoRA."""
-    if mode == "frozen":
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # attention projections of Sana blocks and SD UNet blocks
+LORA_SCALING = 1.0  # lora_alpha / r, see set_decoder_mode
+
+
+def count_trainable(mllm: MLLMAdapter, head: MetaQueryHead, decoder: DecoderAdapter) -> dict[str, int]:
+    """Trainable parameter counts per role; raises if any MLLM parameter would train (the method's premise)."""
+    counts = {
+        "mllm": sum(p.numel() for p in mllm.model.parameters() if p.requires_grad),
+        "queries": sum(p.numel() for p in head.queries.parameters() if p.requires_grad),
+        "connector": sum(p.numel() for p in head.connector.parameters() if p.requires_grad),
+        "decoder": sum(p.numel() for p in decoder.denoiser.parameters() if p.requires_grad),
+        "vae": sum(p.numel() for p in decoder.vae.parameters() if p.requires_grad),
+    }
+    if counts["mllm"] or counts["vae"]:
+        names = [n for n, p in mllm.model.named_parameters() if p.requires_grad][:3]
+        raise RuntimeError(
+            f"the MLLM and the VAE must be frozen, but {counts['mllm']} MLLM parameter values ({names}...) and "
+            f"{counts['vae']} VAE values require grad"
+        )
+    return counts
+
+
+def checkpoint_has_decoder(path: str | Path) -> bool:
+    """Whether a MetaQuery checkpoint carries decoder weights (`decoder.*` tensors)."""
+    with safe_open(str(path), framework="pt") as f:
+        return any(k.startswith("decoder.") for k in f.keys())
+
+
+def merge_lora_state(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
+    """A peft LoRA model's state dict -> the plain denoiser's, each adapted weight W replaced by W + scaling * B A.
+
+    Works on a (gathered) state dict rather than on the module, so it is the same under DDP, FSDP and DeepSpeed,
+    and the trained model is neither copied nor merged in place."""
+    prefix = "base_model.model."
+    plain = {}
+    for key, value in state.items():
+        if "lora_" not in key:
+            plain[key.removeprefix(prefix).replace(".base_layer.", ".")] = value
+    for key, a in state.items():
+        if ".lora_A." not in key:
+            continue
+        module = key.removeprefix(prefix).split(".lora_A.")[0]
+        b = state[key.replace(".lora_A.", ".lora_B.")]
+        w = plain[f"{module}.weight"]  # (out, in)
+        plain[f"{module}.weight"] = w + (scaling * (b.float() @ a.float())).to(w.dtype)  # (out, r) @ (r, in)
+    return plain
+
+
+def decoder_export_state(
+    state: dict[str, torch.Tensor], mode: str, *, carried: bool = False
+) -> dict[str, torch.Tensor] | None:
+    """Decoder weights for the node checkpoint from the denoiser's state dict: merged full weights for LoRA, the
+    weights themselves for `full`, and none for a frozen decoder unless `carried` (the init checkpoint brought
+    trained decoder weights, which must travel on into this export or the stage would fall back to the base one)."""
+    if mode == "frozen" and not carried:
         return None
-    denoiser: nn.Module = decoder.denoiser
     if mode == "lora":
-        denoiser = copy.deepcopy(denoiser).merge_and_unload()
-    return {k: v.detach().cpu() for k, v in denoiser.state_dict().items()}
+        state = merge_lora_state(state, LORA_SCALING)
+    return {k: v.detach().cpu() for k, v in state.items()}

@@ -1,4 +1,7 @@
-"""`python -m training.run CONFIG.yaml [--section.key=value ...]`; with no config, the embedded toy-world job."""
+"""`python -m training.run CONFIG.yaml [--section.key=value ...]`; with no config, the embedded toy-world job.
+
+Exit codes: 0 done; 2 the config does not parse (unknown key, wrong type); 1 the run could not start or stopped
+(a missing folder, unusable data, a diverged loss), with a one-line message saying what was wrong."""
 
 from __future__ import annotations
 
@@ -21,12 +24,21 @@ def main(argv: list[str] | None = None) -> int:
         return run_toy_job(argv)
     try:
         cfg = load_config(RunConfig, config_path, argv)
-    except ConfigError as e:
+    except (ConfigError, FileNotFoundError) as e:  # FileNotFoundError: the YAML file itself
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    from .data import NoUsableSampleError
+    from .preflight import SetupError, TrainingDiverged
     from .trainer import train
 
-    train(cfg)
+    try:
+        train(cfg)
+    except (SetupError, NoUsableSampleError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except TrainingDiverged as e:
+        print(f"training stopped: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import math
+import os
 import shutil
 import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -26,10 +28,21 @@ from . import checkpoints
 from .batches import ModelBatch, drop_conditions, to_model_batch
 from .config import RunConfig
 from .config_io import save_config
-from .data import iter_batches
+from .data import NoUsableSampleError, iter_batches
+from .data.samples import Sample
 from .datasets import open_training_data
-from .model_setup import build_head, decoder_export_state, load_models, set_decoder_mode
+from .latent_cache import LatentCache, prepare_latent_cache
+from .model_setup import (
+    build_head,
+    checkpoint_has_decoder,
+    count_trainable,
+    decoder_export_state,
+    load_models,
+    set_decoder_mode,
+)
 from .optim import make_optimizer
+from .preflight import SetupError, TrainingDiverged, check_run
+from .run_log import MetricsLog, replica_fingerprints, write_summary
 from .samples import write_sample_grid
 
 log = logging.getLogger(__name__)
@@ -51,6 +64,17 @@ class TrainStep(nn.Module):
         return diffusion_loss(self._decoder, x0, cond, mask, u=u, noise=noise)
 
 
+@dataclass
+class Progress:
+    step: int = 0
+    epoch: int = 0  # this process's data epoch and position (records consumed, skipped ones included)
+    position: int = 0
+
+
+class NonFinite(Exception):
+    """Internal: a loss or gradient norm that is inf / NaN on some process (raised on every process alike)."""
+
+
 def step_seed(seed: int, step: int, rank: int, micro: int) -> int:
     """Randomness of one micro-batch from (seed, step, rank, micro) alone, so a resumed run draws exactly what the
     uninterrupted run drew at the same step."""
@@ -62,27 +86,39 @@ def make_accelerator(cfg: RunConfig, out: Path) -> Accelerator:
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() else "no"
     log_with = None if cfg.train.report_to == "none" else cfg.train.report_to
-    # the schedule is written in optimizer steps: step it ourselves once per step, not once per process
-    return Accelerator(
+    # without cpu=True accelerate treats `torchrun --nproc_per_node=N` on a machine without GPUs as N separate
+    # single-process runs (each "rank 0", all writing the same folder) instead of one gloo process group
+    acc = Accelerator(
+        cpu=not torch.cuda.is_available(),
         gradient_accumulation_steps=cfg.train.grad_accum,
         mixed_precision=mp,
         log_with=log_with,
         project_dir=str(out),
-        step_scheduler_with_optimizer=False,
+        step_scheduler_with_optimizer=False,  # the schedule is in optimizer steps: we step it once per step
     )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != acc.num_processes:
+        raise SetupError(
+            f"launched as {launched} processes but accelerate set up {acc.num_processes}; check the launcher"
+        )
+    return acc
 
 
 def train(cfg: RunConfig) -> Path:
     """Run the configured stage; returns the path of the exported MetaQuery checkpoint."""
+    check_run(cfg)
     out = Path(cfg.train.output_dir)
     acc = make_accelerator(cfg, out)
     set_seed(cfg.train.seed)
+    data = open_training_data(cfg, rank=acc.process_index, world_size=acc.num_processes)
     mllm, decoder = load_models(cfg.model, acc.device)
     head = build_head(cfg.model, mllm, decoder)
     set_decoder_mode(decoder, cfg.model.decoder_mode, cfg.model.lora_rank)
+    log.info("trainable parameter values per role: %s", count_trainable(mllm, head, decoder))
     head.connector.gradient_checkpointing = cfg.train.gradient_checkpointing
     if cfg.train.gradient_checkpointing and cfg.model.decoder_mode != "frozen":
         decoder.denoiser.enable_gradient_checkpointing()
+    cache = prepare_latent_cache(cfg, decoder, acc) if cfg.data.cache_latents else None
     step_module = TrainStep(head, mllm, decoder, prefix_cache=cfg.train.prefix_cache)
     roles = {"queries": head.queries, "connector": head.connector}
     if cfg.model.decoder_mode != "frozen":
@@ -90,107 +126,206 @@ def train(cfg: RunConfig) -> Path:
     optimizer, scheduler = make_optimizer(roles, cfg.optim, cfg.train.steps)
     step_module, optimizer, scheduler = acc.prepare(step_module, optimizer, scheduler)
 
-    data = open_training_data(cfg, rank=acc.process_index, world_size=acc.num_processes)
-    step, epoch, position = 0, 0, 0
     ckpt_root = out / "checkpoints"
-    if cfg.train.resume and (latest := checkpoints.latest_checkpoint(ckpt_root)) is not None:
-        acc.load_state(str(latest))
-        state = checkpoints.read_state(latest)
-        step, epoch, position = state["step"], state["epoch"], state["position"]
-        log.info("resumed from %s at step %d", latest, step)
+    progress, resumed = restore(acc, cfg, ckpt_root, data)
     if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
         if acc.log_with:
             acc.init_trackers("metaqueries")
+    metrics = MetricsLog(acc, out / "metrics.jsonl", resume_step=progress.step if resumed else None)
+    # instruct grids show fixed data samples: read them from a separate reader so they never count as skips
+    grids = acc.is_main_process and cfg.train.sample_every and cfg.train.stage == "instruct"
+    sample_data = open_training_data(cfg, rank=0, world_size=1) if grids else None
 
-    batches = iter_batches_from(data, cfg, epoch, position)
-    metrics_file = out / "metrics.jsonl"
-    bar = tqdm(total=cfg.train.steps, initial=step, disable=not acc.is_local_main_process, desc=cfg.train.stage)
-    t0, seen = time.perf_counter(), 0
-    while step < cfg.train.steps:
+    batches = iter_batches_from(data, cfg, progress.epoch, progress.position)
+    bar = tqdm(
+        total=cfg.train.steps, initial=progress.step, disable=not acc.is_local_main_process, desc=cfg.train.stage
+    )
+    t_log, seen, window, loss = time.perf_counter(), 0, [], float("nan")
+    while progress.step < cfg.train.steps:
         for micro in range(cfg.train.grad_accum):
-            samples, (epoch, position), skips = next(batches)
-            seed = step_seed(cfg.train.seed, step, acc.process_index, micro)
-            loss = accumulate(acc, step_module, optimizer, scheduler, to_model_batch(samples), cfg, seed)
+            samples, (progress.epoch, progress.position), _ = next(batches)
+            seed = step_seed(cfg.train.seed, progress.step, acc.process_index, micro)
+            try:
+                loss, grad_norm = accumulate(
+                    acc, step_module, optimizer, scheduler, to_model_batch(samples), cfg, seed, cache
+                )
+            except NonFinite as e:
+                latest = checkpoints.latest_checkpoint(ckpt_root)
+                raise TrainingDiverged(
+                    f"{e} at step {progress.step + 1}; stopped before the optimizer step. The last good checkpoint is "
+                    f"{latest if latest else 'none (no checkpoint was written yet)'}; lower optim.lr, raise "
+                    "optim.warmup_steps or check the data, then resume from it with --train.resume=true"
+                ) from None
             seen += len(samples)
-        if not math.isfinite(loss):
-            latest = checkpoints.latest_checkpoint(ckpt_root)
-            raise FloatingPointError(
-                f"loss became {loss} at step {step}; stopping. The last good checkpoint is "
-                f"{latest if latest else 'none (no checkpoint was written yet)'}; lower optim.lr or check the data."
-            )
-        step += 1
+            window.append(loss)
+        progress.step += 1
         bar.update(1)
         lr = scheduler.get_last_lr()[0]
-        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            rate = seen * acc.num_processes / (time.perf_counter() - t0)
-            record = {"step": step, "loss": loss, "lr": lr, "samples_per_s": rate, **skips}
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", sps=f"{rate:.1f}")
-            if acc.is_main_process:
-                with metrics_file.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
-                if acc.log_with:
-                    acc.log(record, step=step)
-        if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < cfg.train.steps:
-            save_training_state(acc, ckpt_root, step, epoch, position, cfg.train.keep_checkpoints)
-        if cfg.train.sample_every and step % cfg.train.sample_every == 0 and acc.is_main_process:
-            write_sample_grid(out / "samples" / f"step-{step:08d}.png", mllm, head, decoder, cfg, data)
+        if progress.step % cfg.train.log_every == 0 or progress.step == cfg.train.steps:
+            skips = sum_skips(acc, data.skips.counts)  # a collective: every process gets here at the same step
+            rate = seen * acc.num_processes / (time.perf_counter() - t_log)  # over the logging window
+            record = {"step": progress.step, "loss": float(np.mean(window)), "lr": lr, "grad_norm": grad_norm}
+            record.update(samples_per_s=rate, epoch=progress.epoch, position=progress.position, **skips)
+            record.update(cache.metrics() if cache else {})
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", sps=f"{rate:.1f}")
+            metrics.write(record)
+            t_log, seen, window = time.perf_counter(), 0, []
+        if cfg.train.checkpoint_every and progress.step % cfg.train.checkpoint_every == 0:
+            if progress.step < cfg.train.steps:
+                save_training_state(acc, ckpt_root, progress, dict(data.skips.counts), cfg.train.keep_checkpoints)
+        if acc.is_main_process and should_sample(cfg, progress.step):
+            write_sample_grid(out / "samples" / f"step-{progress.step:08d}.png", mllm, head, decoder, cfg, sample_data)
     bar.close()
-    acc.wait_for_everyone()
-    export = out / cfg.train.export_name
-    if acc.is_main_process:
-        if cfg.train.sample_every:
-            write_sample_grid(out / "samples" / "final.png", mllm, head, decoder, cfg, data)
-        config = config_for(acc.unwrap_model(step_module).head, mllm=mllm, decoder=decoder, stage=cfg.train.stage)
-        save_checkpoint(export, head, config, decoder_export_state(decoder, cfg.model.decoder_mode))
-        log.info("exported %s", export)
-    if acc.log_with:
-        acc.end_training()
-    return export
+    return finish(acc, cfg, step_module, mllm, decoder, sample_data, loss)
 
 
-def accumulate(acc, step_module, optimizer, scheduler, mb: ModelBatch, cfg: RunConfig, seed: int) -> float:
-    """One micro-batch: dropout, encode targets, loss, backward; the optimizer steps when accumulation completes."""
+def should_sample(cfg: RunConfig, step: int) -> bool:
+    """Periodic grids; the last step has none, because the final grid (of the exported head) follows it."""
+    return bool(cfg.train.sample_every) and step % cfg.train.sample_every == 0 and step < cfg.train.steps
+
+
+def accumulate(
+    acc: Accelerator,
+    step_module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    mb: ModelBatch,
+    cfg: RunConfig,
+    seed: int,
+    cache: LatentCache | None = None,
+) -> tuple[float, float]:
+    """One micro-batch: dropout, encode targets (or read cached latents), loss, backward; the optimizer steps when
+    accumulation completes. Returns (loss averaged over processes, gradient norm or nan before the sync step)."""
     inner = acc.unwrap_model(step_module)
     mllm, decoder, head = inner._mllm, inner._decoder, inner.head
     prompts, images = drop_conditions(mb.prompts, mb.images, cfg.train, np.random.default_rng(seed))
     batch = head.prepare(mllm, prompts, images)
-    with torch.no_grad():
-        x0 = decoder.encode(mb.targets.to(acc.device, decoder.dtype))  # (B, c, h, w)
+    x0 = cache.get(mb.keys) if cache is not None else None  # (B, c, h, w) or None
+    if x0 is None:
+        with torch.no_grad():
+            x0 = decoder.encode(mb.targets.to(acc.device, decoder.dtype))  # (B, c, h, w)
+    x0 = x0.to(acc.device, decoder.dtype)
     g = torch.Generator().manual_seed(seed)
     u, noise = torch.rand(x0.shape[0], generator=g), torch.randn(x0.shape, generator=g)  # (B,), (B, c, h, w)
+    grad_norm = float("nan")
     with acc.accumulate(step_module):
         with acc.autocast():
             loss = step_module(batch, x0, u, noise)
+        mean_loss = acc.reduce(loss.detach().float(), reduction="mean")  # the same value on every process
+        if not torch.isfinite(mean_loss):
+            raise NonFinite(f"the loss became {mean_loss.item()}")
         acc.backward(loss)
         if acc.sync_gradients:
-            if cfg.optim.grad_clip > 0:
-                acc.clip_grad_norm_(step_module.parameters(), cfg.optim.grad_clip)
+            norm = acc.clip_grad_norm_(step_module.parameters(), cfg.optim.grad_clip or float("inf"))
+            grad_norm = float(norm)
+            if not np.isfinite(grad_norm):  # gradients are synchronised: every process sees the same norm
+                optimizer.zero_grad(set_to_none=True)
+                raise NonFinite(f"the gradient norm became {grad_norm}")
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-    return loss.item()
+    return mean_loss.item(), grad_norm
 
 
-def iter_batches_from(data, cfg: RunConfig, epoch: int, position: int):
-    """Endless batches across epochs; yields (samples, (epoch, position after them), skip metrics)."""
+def iter_batches_from(
+    data, cfg: RunConfig, epoch: int, position: int
+) -> Iterator[tuple[list[Sample], tuple[int, int], dict[str, int]]]:
+    """Endless batches across epochs; yields (samples, (epoch, position after them), this process's skip counts)."""
     while True:
         it = data.iter_from(epoch, position)
+        produced = False
         for samples in iter_batches(it, cfg.train.batch_size, by_bucket=cfg.data.buckets is not None):
+            produced = True
             yield samples, (epoch, it.position), {f"skipped/{k}": v for k, v in data.skips.counts.items()}
+        if not produced and position == 0:  # a whole epoch without one full batch would loop here forever
+            raise NoUsableSampleError(
+                f"epoch {epoch} of {data!r} gave {it.yielded} usable samples on this process, not enough for one "
+                f"batch of train.batch_size={cfg.train.batch_size}; skipped: {it.skips}"
+            )
         epoch, position = epoch + 1, 0
 
 
-def save_training_state(acc: Accelerator, root: Path, step: int, epoch: int, position: int, keep: int) -> None:
+def sum_skips(acc: Accelerator, counts: Counter[str]) -> dict[str, int]:
+    """Skipped-record counts of all processes, summed, as `skipped/<reason>` metrics (a collective)."""
+    total: Counter[str] = Counter()
+    for part in gather_object([dict(counts)]):
+        total.update(part)
+    return {f"skipped/{k}": v for k, v in sorted(total.items())}
+
+
+def save_training_state(acc: Accelerator, root: Path, progress: Progress, skips: dict[str, int], keep: int) -> None:
     """Every process writes its part (RNG states, FSDP shards) into one temp folder; the main process then renames
     it into place. A kill at any point leaves the previous complete checkpoint as the newest."""
-    tmp = checkpoints.temp_dir(root, step)
+    tmp = checkpoints.temp_dir(root, progress.step)
     if acc.is_main_process and tmp.exists():  # a leftover of a killed save
         shutil.rmtree(tmp)
     acc.wait_for_everyone()
     acc.save_state(str(tmp))
+    ranks = gather_object([{"epoch": progress.epoch, "position": progress.position, "skips": skips}])
     acc.wait_for_everyone()
     if acc.is_main_process:
-        checkpoints.publish(root, tmp, step, {"step": step, "epoch": epoch, "position": position}, keep)
+        state = {"step": progress.step, "world_size": acc.num_processes, "ranks": ranks}
+        checkpoints.publish(root, tmp, progress.step, state, keep)
     acc.wait_for_everyone()
+
+
+def restore(acc: Accelerator, cfg: RunConfig, root: Path, data) -> tuple[Progress, bool]:
+    """With `train.resume`, load the newest complete checkpoint into the prepared objects; -> (progress, resumed)."""
+    if acc.is_main_process:
+        for stale in checkpoints.remove_leftovers(root):
+            log.warning("removed %s, the unfinished save of a killed run", stale)
+    acc.wait_for_everyone()
+    latest = checkpoints.latest_checkpoint(root) if cfg.train.resume else None
+    if latest is None:
+        if cfg.train.resume:
+            log.info("train.resume: no checkpoint in %s yet, starting at step 0", root)
+        return Progress(), False
+    state = checkpoints.read_state(latest)
+    if state["world_size"] != acc.num_processes:
+        raise SetupError(
+            f"{latest} was written by {state['world_size']} processes, this run has {acc.num_processes}; resume with "
+            "the same number (the data split depends on it), or start a new run from an export via "
+            "model.init_checkpoint"
+        )
+    acc.load_state(str(latest))
+    mine = state["ranks"][acc.process_index]
+    data.skips.counts.update(mine["skips"])
+    log.info("resumed from %s at step %d", latest, state["step"])
+    return Progress(state["step"], mine["epoch"], mine["position"]), True
+
+
+def finish(acc: Accelerator, cfg: RunConfig, step_module: nn.Module, mllm, decoder, sample_data, loss: float) -> Path:
+    """Replica check, export of the node checkpoint (from the gathered state, so FSDP shards work too), summary."""
+    fingerprints = replica_fingerprints(acc, acc.unwrap_model(step_module))
+    state = acc.get_state_dict(step_module)  # a collective under FSDP / DeepSpeed ZeRO-3
+    export = Path(cfg.train.output_dir) / cfg.train.export_name
+    if acc.is_main_process:
+        out = Path(cfg.train.output_dir)
+        head = acc.unwrap_model(step_module).head
+        head_state = {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}
+        export_head = MetaQueryHead(
+            num_queries=head.num_queries,
+            connector=head.connector.cfg,
+            system_prompt=head.system_prompt,
+            max_prompt_tokens=head.max_prompt_tokens,
+        )
+        export_head.load_state_dict({k: v.float().cpu() for k, v in head_state.items()})
+        denoiser_state = {k.removeprefix("denoiser."): v for k, v in state.items() if k.startswith("denoiser.")}
+        if not denoiser_state and cfg.model.decoder_mode == "frozen":
+            denoiser_state = decoder.denoiser.state_dict()
+        carried = bool(cfg.model.init_checkpoint) and checkpoint_has_decoder(cfg.model.init_checkpoint)
+        decoder_state = decoder_export_state(denoiser_state, cfg.model.decoder_mode, carried=carried)
+        config = config_for(export_head, mllm=mllm, decoder=decoder, stage=cfg.train.stage)
+        save_checkpoint(export, export_head, config, decoder_state)
+        log.info("exported %s", export)
+        if cfg.train.sample_every:  # with the exported head: whole weights even where training shards them
+            grid_head = export_head.to(mllm.device)
+            write_sample_grid(out / "samples" / "final.png", mllm, grid_head, decoder, cfg, sample_data)
+        summary = {"steps": cfg.train.steps, "final_loss": loss, "export": str(export), "stage": cfg.train.stage}
+        summary.update(processes=acc.num_processes, replica_fingerprints=fingerprints)
+        write_summary(out / "summary.json", summary)
+    acc.wait_for_everyone()
+    if acc.log_with:
+        acc.end_training()
+    return export
