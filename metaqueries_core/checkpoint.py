@@ -142,6 +142,17 @@ def check_compatible(config: MetaQueryConfig, *, mllm: Any | None = None, decode
         raise ValueError("MetaQuery checkpoint does not match the loaded models: " + "; ".join(problems))
 
 
+def apply_decoder_state(decoder: Any, state: dict[str, torch.Tensor]) -> None:
+    """Load a checkpoint's `decoder.*` weights (keys of the denoiser's state dict) into the decoder's denoiser, naming
+    any key that does not fit."""
+    missing, unexpected = decoder.denoiser.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"the checkpoint's decoder weights do not fit this {decoder.family} denoiser: "
+            f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+        )
+
+
 def config_for(head: MetaQueryHead, *, mllm: Any, decoder: Any, stage: Stage = "pretrain") -> MetaQueryConfig:
     """The checkpoint config describing `head` trained between this MLLM adapter and this decoder adapter."""
     return MetaQueryConfig(

@@ -45,15 +45,23 @@ class MetaQueryHead(nn.Module):
             max_prompt_tokens=self.max_prompt_tokens,
         )
 
+    def states(self, mllm: MLLMAdapter, batch: PromptBatch, *, prefix_cache: bool = False) -> torch.Tensor:
+        """MLLM last-layer states at the query positions: (B, N, D) on the MLLM's device and dtype."""
+        return mllm.query_states(batch, self.queries(), prefix_cache=prefix_cache)
+
+    def connect(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query states -> (cond (B, N, C), mask (B, N)) on the head's device and dtype; the mask is all ones (every
+        query is a real token)."""
+        param = self.queries.queries
+        cond = self.connector(states.to(device=param.device, dtype=param.dtype))  # (B, N, C)
+        mask = torch.ones(cond.shape[:2], dtype=torch.long, device=cond.device)  # (B, N)
+        return cond, mask
+
     def condition(
         self, mllm: MLLMAdapter, batch: PromptBatch, *, prefix_cache: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prepared prompts -> (cond (B, N, C), mask (B, N)); the mask is all ones: every query is a real token."""
-        states = mllm.query_states(batch, self.queries(), prefix_cache=prefix_cache)  # (B, N, D)
-        param = self.queries.queries
-        cond = self.connector(states.to(param.dtype))  # (B, N, C)
-        mask = torch.ones(cond.shape[:2], dtype=torch.long, device=cond.device)  # (B, N)
-        return cond, mask
+        """Prepared prompts -> (cond (B, N, C), mask (B, N))."""
+        return self.connect(self.states(mllm, batch, prefix_cache=prefix_cache))
 
     def encode(
         self,

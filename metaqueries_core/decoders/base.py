@@ -194,6 +194,16 @@ class DecoderAdapter(abc.ABC):
     def _vae_encode(self, images: Tensor, generator: torch.Generator | None) -> Tensor:
         """Raw (unscaled) VAE latents of images in [-1, 1]."""
 
+    def to_vae_latents(self, latents: Tensor) -> Tensor:
+        """Scaled latents (what the denoiser sees) -> raw VAE latents (ComfyUI's LATENT convention)."""
+        shift, scale = self._vae_shift_scale()
+        return latents / scale + shift
+
+    def from_vae_latents(self, z: Tensor) -> Tensor:
+        """Raw VAE latents -> scaled latents."""
+        shift, scale = self._vae_shift_scale()
+        return (z - shift) * scale
+
     @torch.no_grad()
     def encode(self, images: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
         """Images ``(B, 3, H, W)`` in [-1, 1] -> scaled latents ``(B, latent_channels, H/f, W/f)`` (input dtype)."""

@@ -242,7 +242,7 @@ class MLLMAdapter(ABC):
         b, n = batch.input_ids.shape[0], batch.num_queries
         if queries.shape[-2] != n:
             raise ValueError(f"the batch has {n} query slots but {queries.shape[-2]} queries were given")
-        q = queries.to(batch.prompt_embeds.dtype).expand(b, -1, -1)  # (B, N, D)
+        q = queries.to(batch.prompt_embeds.device, batch.prompt_embeds.dtype).expand(b, -1, -1)  # (B, N, D)
         lm = self.language_model
         if not prefix_cache:
             embeds = torch.cat([batch.prompt_embeds[:, :-n], q], dim=1)  # (B, L, D)
@@ -278,12 +278,24 @@ class MLLMAdapter(ABC):
 
     @torch.no_grad()
     def generate_text(
-        self, prompts: list[str], images: list[list[Image.Image]] | None = None, *, max_new_tokens: int = 64
+        self,
+        prompts: list[str],
+        images: list[list[Image.Image]] | None = None,
+        *,
+        max_new_tokens: int = 64,
+        system_prompt: str | None | Default = DEFAULT,
+        stopping_criteria: Any = None,
     ) -> list[str]:
-        """Let the frozen MLLM answer (understanding): the same prompt format with no query slots."""
-        batch = self.prepare(prompts, images, num_queries=0)
+        """Let the frozen MLLM answer (understanding): the same prompt format with no query slots, greedy.
+
+        `stopping_criteria` (a transformers StoppingCriteriaList) lets a caller cancel mid-answer."""
+        batch = self.prepare(prompts, images, num_queries=0, system_prompt=system_prompt)
         out = self.model.generate(
-            **batch.model_inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.pad_id
+            **batch.model_inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=self.pad_id,
+            stopping_criteria=stopping_criteria,
         )
         new = out[:, batch.input_ids.shape[1] :]
         return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]

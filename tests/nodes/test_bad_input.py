@@ -1,0 +1,156 @@
+"""Bad input gets errors that say what is wrong and where; an interrupt stops sampling and leaves nothing behind."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from conftest import SD15_TINY, WRONG_WIDTH_CHECKPOINT
+
+from nodes import (
+    DiffusionSample,
+    EditConditioning,
+    Encode,
+    LoadCheckpoint,
+    LoadDecoder,
+    LoadMLLM,
+    comfy_env,
+)
+
+
+def cond(batch: int, tokens: int = 8, width: int = 64) -> list:
+    return [[torch.randn(batch, tokens, width), {}]]
+
+
+def run_sample(decoder, positive, negative, **kw):
+    args = dict(width=32, height=32, batch_size=1, steps=2, guidance=4.0, image_guidance=1.5, seed=0)
+    args.update(kw)
+    return DiffusionSample().sample(decoder, positive, negative, scheduler=args.pop("scheduler", "euler"), **args)
+
+
+@pytest.mark.parametrize(
+    "loader,name,what,folders",
+    [
+        (LoadMLLM, "no-such-mllm", "MLLM folder", ["LLM", "text_encoders"]),
+        (LoadCheckpoint, "no-such.safetensors", "MetaQuery checkpoint", ["metaqueries"]),
+        (LoadDecoder, "no-such-decoder", "decoder folder", ["diffusers"]),
+    ],
+)
+def test_missing_model_names_the_entry_and_where_it_looked(models_root, loader, name, what, folders):
+    with pytest.raises(FileNotFoundError) as e:
+        loader().load(name, "auto", "auto")
+    message = str(e.value)
+    assert what in message and repr(name) in message
+    for folder in folders:
+        assert str(models_root / folder) in message
+
+
+def test_checkpoint_for_another_mllm_names_both_widths(loaded):
+    (wrong,) = LoadCheckpoint().load(WRONG_WIDTH_CHECKPOINT, "auto", "auto")
+    with pytest.raises(ValueError, match=re.escape("MLLM width: checkpoint 96, loaded MLLM 64")):
+        Encode().encode(loaded["mllm"], wrong, "a red circle")
+    with pytest.raises(ValueError, match="checkpoint 96, loaded MLLM 64"):
+        EditConditioning().encode(loaded["mllm"], wrong, "x", "", torch.rand(1, 32, 32, 3))
+
+
+def test_checkpoint_for_another_decoder_names_both(loaded):
+    with pytest.raises(ValueError, match=re.escape("decoder family: checkpoint 'sana', loaded 'sd15'")):
+        LoadDecoder().load(SD15_TINY, "auto", "auto", checkpoint=loaded["checkpoint"])
+
+
+def test_conditioning_of_the_wrong_width_for_the_decoder(loaded):
+    with pytest.raises(ValueError, match="conditioning width 64 does not match the sd15 decoder's text width 32"):
+        run_sample(loaded["sd15"], cond(1), cond(1))
+
+
+def test_empty_image_batch(loaded):
+    empty = torch.zeros(0, 32, 32, 3)
+    with pytest.raises(ValueError, match="image is an empty image batch"):
+        Encode().encode(loaded["mllm"], loaded["checkpoint"], "x", empty)
+    with pytest.raises(ValueError, match="image_2 is an empty image batch"):
+        EditConditioning().encode(loaded["mllm"], loaded["checkpoint"], "x", "", torch.rand(1, 32, 32, 3), empty)
+
+
+def test_image_batches_that_disagree(loaded):
+    with pytest.raises(ValueError, match=re.escape("image batch sizes {'image_1': 2, 'image_2': 3} disagree")):
+        EditConditioning().encode(
+            loaded["mllm"], loaded["checkpoint"], "x", "", torch.rand(2, 32, 32, 3), torch.rand(3, 32, 32, 3)
+        )
+
+
+def test_positive_and_negative_batches_that_disagree(loaded):
+    with pytest.raises(ValueError, match=r"batch sizes disagree: \{'positive': \(2, 8, 64\), 'negative': \(3, 8, 64\)"):
+        run_sample(loaded["sana"], cond(2), cond(3))
+    with pytest.raises(ValueError, match="image_negative"):
+        run_sample(loaded["sana"], cond(2), cond(1), image_negative=cond(3))
+    with pytest.raises(ValueError, match="shapes disagree beyond the batch"):
+        run_sample(loaded["sana"], cond(1), cond(1, tokens=5))
+    image, _ = run_sample(loaded["sana"], cond(2), cond(1))  # a single negative is shared
+    assert image.shape[0] == 2
+
+
+def test_combined_conditioning_is_refused_with_a_pointer_to_core(loaded):
+    with pytest.raises(ValueError, match="exactly one.*core KSampler"):
+        run_sample(loaded["sana"], cond(1) + cond(1), cond(1))
+
+
+def test_size_and_scheduler_the_decoder_cannot_take(loaded):
+    with pytest.raises(ValueError, match="multiples of"):
+        run_sample(loaded["sana"], cond(1), cond(1), width=33)
+    with pytest.raises(ValueError, match="scheduler 'ddim' is not available.*allowed: dpmpp_2m, euler, unipc"):
+        run_sample(loaded["sana"], cond(1), cond(1), scheduler="ddim")
+
+
+def test_interrupt_stops_sampling_and_the_next_run_works(loaded, monkeypatch):
+    dec = loaded["sana"]
+    pos, neg = cond(1), cond(1)
+    expected, _ = run_sample(dec, pos, neg, steps=5)
+    progress, calls, emptied = [], [], []
+    original = dec.predict
+    monkeypatch.setattr(dec, "predict", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setattr(comfy_env, "soft_empty_cache", lambda: emptied.append(1))
+
+    class Bar:  # the user presses Cancel while step 2 is reported
+        def __init__(self, total):
+            pass
+
+        def update_absolute(self, value, total=None, preview=None):
+            progress.append((value, total))
+            if value == 2 and not emptied:
+                comfy_env.interrupt_current_processing()
+
+    monkeypatch.setattr(comfy_env, "progress_bar", Bar)
+    with pytest.raises(comfy_env.InterruptProcessingException):
+        run_sample(dec, pos, neg, steps=5)
+    assert progress == [(1, 5), (2, 5)] and len(calls) == 3  # stopped right after the step that saw the request
+    assert emptied == [1]  # memory released on the way out
+    progress.clear()
+    again, _ = run_sample(dec, pos, neg, steps=5)  # the request was consumed: the next run is whole and identical
+    assert progress == [(i, 5) for i in range(1, 6)] and torch.equal(again, expected)
+
+
+def test_an_interrupt_requested_before_sampling_stops_it_at_once(loaded, monkeypatch):
+    calls = []
+    monkeypatch.setattr(loaded["sana"], "predict", lambda *a: calls.append(1))
+    comfy_env.interrupt_current_processing()
+    with pytest.raises(comfy_env.InterruptProcessingException):
+        run_sample(loaded["sana"], cond(1), cond(1))
+    assert calls == []
+    comfy_env.throw_if_interrupted()  # cleared
+
+
+def test_describe_stops_on_interrupt(mllm_loader):
+    """The Describe node checks ComfyUI's interrupt after every token and leaves no interrupt pending."""
+    from nodes import comfy_env
+    from nodes.understanding import Describe
+
+    mllm = mllm_loader("qwen2_5_vl")
+    comfy_env.interrupt_current_processing(True)
+    try:
+        with pytest.raises(comfy_env.InterruptProcessingException):
+            Describe().ask(mllm, "what colour?", "", 8)
+    finally:
+        comfy_env.interrupt_current_processing(False)
+    (text,) = Describe().ask(mllm, "what colour?", "", 2)
+    assert isinstance(text, str)

@@ -1,0 +1,160 @@
+"""The nodes on tiny models from disk: shapes, ranges, seeds, and agreement with `metaqueries_core.sampling`."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import SD15_TINY_CHECKPOINT
+
+from metaqueries_core.sampling import Guidance, encode_branches, generate
+from nodes import Connector, Describe, DiffusionSample, EditConditioning, Encode
+from nodes.common import image_to_pil
+
+
+def conditioning(loaded, prompt, *, checkpoint="checkpoint", image=None):
+    (states,) = Encode().encode(loaded["mllm"], loaded[checkpoint], prompt, image)
+    return Connector().connect(states)[0]
+
+
+def sample(decoder, positive, negative, **kw):
+    args = dict(width=32, height=32, batch_size=1, steps=2, guidance=4.0, image_guidance=1.5, seed=0)
+    args.update(kw)
+    return DiffusionSample().sample(decoder, positive, negative, scheduler=args.pop("scheduler", "euler"), **args)
+
+
+def test_connector_output_is_a_core_conditioning(loaded):
+    cond = conditioning(loaded, "a red circle on the left")
+    assert isinstance(cond, list) and len(cond) == 1
+    tensor, extras = cond[0]
+    n, width = loaded["checkpoint"].config.num_queries, loaded["sana"].text_width
+    assert tensor.shape == (1, n, width) and tensor.dtype == torch.float32 and tensor.device.type == "cpu"
+    assert extras == {}  # all-ones mask and no pooled output: nothing for core to misread
+
+
+@pytest.mark.parametrize("decoder,checkpoint", [("sana", "checkpoint"), ("sd15", SD15_TINY_CHECKPOINT)])
+def test_text_to_image(loaded, decoder, checkpoint):
+    pos = conditioning(loaded, "a red circle on the left", checkpoint=checkpoint)
+    neg = conditioning(loaded, "", checkpoint=checkpoint)
+    image, latent = sample(loaded[decoder], pos, neg, width=32, height=48, batch_size=2, seed=3)
+    assert image.shape == (2, 48, 32, 3) and image.dtype == torch.float32
+    assert 0.0 <= image.min() and image.max() <= 1.0
+    dec = loaded[decoder]
+    assert latent["samples"].shape == dec.latent_shape(2, 48, 32)
+    again, _ = sample(loaded[decoder], pos, neg, width=32, height=48, batch_size=2, seed=3)
+    other, _ = sample(loaded[decoder], pos, neg, width=32, height=48, batch_size=2, seed=4)
+    assert torch.equal(image, again) and not torch.equal(image, other)
+
+
+def test_latent_output_is_in_the_vae_space(loaded):
+    """LATENT holds unscaled VAE latents (ComfyUI's convention): re-scaling them and decoding gives the image."""
+    dec = loaded["sd15"]
+    pos = conditioning(loaded, "x", checkpoint=SD15_TINY_CHECKPOINT)
+    image, latent = sample(dec, pos, pos, guidance=1.0)
+    scale = dec.vae.config.scaling_factor
+    with torch.no_grad():
+        redecoded = dec.decode(latent["samples"] * scale).permute(0, 2, 3, 1)
+    torch.testing.assert_close(redecoded, image, atol=1e-5, rtol=1e-5)
+
+
+def test_text_to_image_matches_the_core_sampler(loaded):
+    """Two Encode nodes + Diffusion Sample = core `generate` (which encodes both branches in one batch)."""
+    mllm, ckpt, dec = loaded["mllm"], loaded["checkpoint"], loaded["sana"]
+    g = Guidance(scale=4.0)
+    image, _ = sample(dec, conditioning(loaded, "a red circle"), conditioning(loaded, "blurry"), steps=3, seed=5)
+    expected = generate(
+        mllm, ckpt.head, dec, ["a red circle"], negative="blurry", height=32, width=32, steps=3, guidance=g,
+        scheduler="euler", seed=5,
+    )  # fmt: skip
+    torch.testing.assert_close(image, expected.permute(0, 2, 3, 1), atol=1e-4, rtol=1e-4)
+
+
+def test_edit_conditioning_is_the_three_branch_core_encoding(loaded):
+    mllm, ckpt, dec = loaded["mllm"], loaded["checkpoint"], loaded["sana"]
+    source, subject = torch.rand(1, 40, 32, 3), torch.rand(1, 24, 24, 3)
+    positive, image_negative, negative = EditConditioning().encode(mllm, ckpt, "make it blue", "", source, subject)
+    images = [[image_to_pil(source)[0], image_to_pil(subject)[0]]]
+    g = Guidance(scale=4.0, image_scale=1.5)
+    cond, _, k = encode_branches(mllm, ckpt.head, ["make it blue"], images=images, guidance=g)
+    assert k == 3
+    for ours, theirs in zip((negative, image_negative, positive), cond.chunk(3)):
+        torch.testing.assert_close(ours[0][0], theirs.float())
+    out, _ = sample(dec, positive, negative, image_negative=image_negative, steps=3, seed=1)
+    expected = generate(
+        mllm, ckpt.head, dec, ["make it blue"], images=images, height=32, width=32, steps=3, guidance=g,
+        scheduler="euler", seed=1,
+    )  # fmt: skip
+    torch.testing.assert_close(out, expected.permute(0, 2, 3, 1), atol=1e-4, rtol=1e-4)
+
+
+def test_image_guidance_of_one_needs_no_fully_unconditional_branch(loaded, monkeypatch):
+    """s_img = 1: u + (u_img - u) + s (c - u_img) = u_img + s (c - u_img), two branches per step."""
+    mllm, ckpt, dec = loaded["mllm"], loaded["checkpoint"], loaded["sana"]
+    positive, image_negative, negative = EditConditioning().encode(mllm, ckpt, "x", "", torch.rand(1, 32, 32, 3))
+    seen = []
+    original = dec.predict
+    monkeypatch.setattr(dec, "predict", lambda x, *a: seen.append(x.shape[0]) or original(x, *a))
+    three, _ = sample(dec, positive, negative, image_negative=image_negative, image_guidance=1.0)
+    two, _ = sample(dec, positive, image_negative)
+    assert seen == [2] * 4  # 2 steps each, both with the branches [image_negative, positive]
+    torch.testing.assert_close(three, two)
+
+
+def test_edit_conditioning_batches_images(loaded):
+    mllm, ckpt = loaded["mllm"], loaded["checkpoint"]
+    outs = EditConditioning().encode(mllm, ckpt, "x", "", torch.rand(2, 32, 32, 3), torch.rand(1, 32, 32, 3))
+    assert all(o[0][0].shape[0] == 2 for o in outs)  # image_2 (batch 1) is shared by both samples
+
+
+def test_image_batch_gives_one_sample_per_image(loaded):
+    cond = conditioning(loaded, "a red circle", image=torch.rand(3, 32, 32, 3))
+    assert cond[0][0].shape[0] == 3
+    neg = conditioning(loaded, "")
+    image, _ = sample(loaded["sana"], cond, neg, batch_size=2)
+    assert image.shape[0] == 6  # 3 samples x batch_size 2
+
+
+def test_describe_answers_with_text(loaded):
+    images = torch.rand(2, 32, 32, 3)
+    plain = copy.copy(loaded["mllm"])
+    plain.system_prompt = None  # an empty system_prompt widget: no system message
+    (answer,) = Describe().ask(loaded["mllm"], "what colour is it?", "", 4, images)
+    expected = plain.generate_text(["what colour is it?"] * 2, [[im] for im in image_to_pil(images)], max_new_tokens=4)
+    assert answer == "\n".join(expected)  # one answer per image
+    (text_only,) = Describe().ask(loaded["mllm"], "hello", "", 3)
+    assert text_only == plain.generate_text(["hello"], max_new_tokens=3)[0]
+
+
+def test_describe_uses_its_system_prompt_without_changing_the_loaded_mllm(loaded):
+    mllm = loaded["mllm"]
+    before = mllm.system_prompt
+    (answer,) = Describe().ask(mllm, "what colour is it?", "Describe the image or caption.", 4)
+    assert mllm.system_prompt == before
+    mllm_prompted = copy.copy(mllm)
+    mllm_prompted.system_prompt = "Describe the image or caption."
+    assert answer == mllm_prompted.generate_text(["what colour is it?"], max_new_tokens=4)[0]
+
+
+def test_edit_branches_map_onto_core_dual_cfg_guider(loaded, monkeypatch):
+    """Diffusion Sample's [negative, image_negative, positive] with (guidance, image_guidance) is core DualCFGGuider
+    with cond1 = positive, cond2 = image_negative, cfg_conds = guidance, cfg_cond2_negative = image_guidance
+    (style regular): negative + cfg2 (cond2 - negative) + cfg1 (cond1 - cond2)."""
+    import nodes.sampling as node_sampling
+    from metaqueries_core.sampling import combine
+
+    seen = {}
+
+    def fake_denoise(decoder, cond, mask, *, branches, guidance, height, width, **kw):
+        seen.update(cond=cond, branches=branches, guidance=guidance)
+        return torch.zeros(decoder.latent_shape(cond.shape[0] // branches, height, width))
+
+    monkeypatch.setattr(node_sampling, "denoise", fake_denoise)
+    pos, img, neg = (torch.full((1, 8, 64), v) for v in (3.0, 2.0, 1.0))
+    sample(loaded["sana"], [[pos, {}]], [[neg, {}]], image_negative=[[img, {}]], guidance=7.5, image_guidance=1.25)
+    assert seen["branches"] == 3
+    branches = seen["cond"].chunk(3)  # what the denoiser sees, in branch order
+    assert [b.flatten()[0].item() for b in branches] == [1.0, 2.0, 3.0]
+    cfg1, cfg2 = 7.5, 1.25
+    dual_cfg = neg + cfg2 * (img - neg) + cfg1 * (pos - img)
+    torch.testing.assert_close(combine(branches, seen["guidance"]), dual_cfg)
