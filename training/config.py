@@ -91,6 +91,7 @@ class TrainSection:
     log_every: int = 10
     output_dir: str = "runs/default"
     resume: bool = False  # continue from the newest complete checkpoint in output_dir
+    overwrite: bool = False  # without resume: delete the checkpoints an earlier run left in output_dir (else an error)
     report_to: Literal["none", "tensorboard", "wandb"] = "none"
     export_name: str = "metaquery.safetensors"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from metaqueries_core.checkpoint import check_compatible, load_checkpoint
+from metaqueries_core.checkpoint import apply_decoder_state, check_compatible, load_checkpoint
 from metaqueries_core.connector import ConnectorConfig
 from metaqueries_core.decoders import DecoderAdapter, load_decoder
 from metaqueries_core.head import MetaQueryHead
@@ -18,6 +18,9 @@ from metaqueries_core.mllm import MLLMAdapter, load_mllm
 from .config import ModelSection
 
 log = logging.getLogger(__name__)
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # attention projections of Sana blocks and SD UNet blocks
+LORA_SCALING = 1.0  # lora_alpha / r, see set_decoder_mode
 
 
 def _dtype(name: str, device: torch.device) -> torch.dtype:
@@ -45,7 +48,15 @@ def build_head(cfg: ModelSection, mllm: MLLMAdapter, decoder: DecoderAdapter) ->
         config, head, decoder_state = load_checkpoint(cfg.init_checkpoint)
         check_compatible(config, mllm=mllm, decoder=decoder)
         if decoder_state:
-            decoder.denoiser.load_state_dict(decoder_state)
+            apply_decoder_state(decoder, decoder_state)  # strict; names the keys that do not fit
+        if config.num_queries != cfg.num_queries:
+            log.warning(
+                "model.num_queries=%d is ignored: %s was trained with %d queries, and the head (queries, connector, "
+                "prompt format) comes from it",
+                cfg.num_queries,
+                cfg.init_checkpoint,
+                config.num_queries,
+            )
         log.info("initialised from %s (stage %s)", cfg.init_checkpoint, config.stage)
         return head.to(mllm.device)
     c = cfg.connector
@@ -96,10 +107,6 @@ def set_decoder_mode(decoder: DecoderAdapter, mode: str, lora_rank: int) -> None
     else:
         raise ValueError(f"model.decoder_mode {mode!r} not in ['frozen', 'full', 'lora']")
     decoder.denoiser.train(mode != "frozen")
-
-
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # attention projections of Sana blocks and SD UNet blocks
-LORA_SCALING = 1.0  # lora_alpha / r, see set_decoder_mode
 
 
 def count_trainable(mllm: MLLMAdapter, head: MetaQueryHead, decoder: DecoderAdapter) -> dict[str, int]:

@@ -28,7 +28,7 @@ from . import checkpoints
 from .batches import ModelBatch, drop_conditions, to_model_batch
 from .config import RunConfig
 from .config_io import save_config
-from .data import NoUsableSampleError, iter_batches
+from .data import NoUsableSampleError, SampleDataset, iter_batches
 from .data.samples import Sample
 from .datasets import open_training_data
 from .latent_cache import LatentCache, prepare_latent_cache
@@ -81,6 +81,12 @@ def step_seed(seed: int, step: int, rank: int, micro: int) -> int:
     return int(np.random.SeedSequence([seed, step, rank, micro]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
+def has_accelerator() -> bool:
+    """A GPU-like device torch can use (CUDA, and on torch >= 2.6 also XPU, MPS, ...)."""
+    api = getattr(torch, "accelerator", None)
+    return api.is_available() if api is not None and hasattr(api, "is_available") else torch.cuda.is_available()
+
+
 def make_accelerator(cfg: RunConfig, out: Path) -> Accelerator:
     mp = cfg.train.mixed_precision
     if mp == "auto":
@@ -89,7 +95,7 @@ def make_accelerator(cfg: RunConfig, out: Path) -> Accelerator:
     # without cpu=True accelerate treats `torchrun --nproc_per_node=N` on a machine without GPUs as N separate
     # single-process runs (each "rank 0", all writing the same folder) instead of one gloo process group
     acc = Accelerator(
-        cpu=not torch.cuda.is_available(),
+        cpu=not has_accelerator(),
         gradient_accumulation_steps=cfg.train.grad_accum,
         mixed_precision=mp,
         log_with=log_with,
@@ -104,30 +110,55 @@ def make_accelerator(cfg: RunConfig, out: Path) -> Accelerator:
     return acc
 
 
-def train(cfg: RunConfig) -> Path:
-    """Run the configured stage; returns the path of the exported MetaQuery checkpoint."""
-    check_run(cfg)
-    out = Path(cfg.train.output_dir)
-    acc = make_accelerator(cfg, out)
+@dataclass
+class Run:
+    """Everything a run holds once set up (module, optimizer and scheduler already prepared by accelerate)."""
+
+    acc: Accelerator
+    mllm: MLLMAdapter
+    decoder: DecoderAdapter
+    head: MetaQueryHead
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    data: SampleDataset
+    cache: LatentCache | None
+
+
+def setup(cfg: RunConfig) -> Run:
+    """Accelerator, data, frozen models, the head, what trains, the latent cache, optimizer; all prepared."""
+    acc = make_accelerator(cfg, Path(cfg.train.output_dir))
     set_seed(cfg.train.seed)
-    data = open_training_data(cfg, rank=acc.process_index, world_size=acc.num_processes)
-    mllm, decoder = load_models(cfg.model, acc.device)
-    head = build_head(cfg.model, mllm, decoder)
+    try:  # data first: a wrong layout or path fails in a second, before the models load
+        data = open_training_data(cfg, rank=acc.process_index, world_size=acc.num_processes)
+    except (ValueError, TypeError, OSError) as e:
+        raise SetupError(f"cannot open the training data (data.kind={cfg.data.kind!r}): {e}") from e
+    try:
+        mllm, decoder = load_models(cfg.model, acc.device)
+        head = build_head(cfg.model, mllm, decoder)
+    except (ValueError, OSError) as e:  # unsupported family, broken folder, init checkpoint for other models
+        raise SetupError(f"cannot set up the models: {e}") from e
     set_decoder_mode(decoder, cfg.model.decoder_mode, cfg.model.lora_rank)
     log.info("trainable parameter values per role: %s", count_trainable(mllm, head, decoder))
     head.connector.gradient_checkpointing = cfg.train.gradient_checkpointing
     if cfg.train.gradient_checkpointing and cfg.model.decoder_mode != "frozen":
         decoder.denoiser.enable_gradient_checkpointing()
     cache = prepare_latent_cache(cfg, decoder, acc) if cfg.data.cache_latents else None
-    step_module = TrainStep(head, mllm, decoder, prefix_cache=cfg.train.prefix_cache)
     roles = {"queries": head.queries, "connector": head.connector}
     if cfg.model.decoder_mode != "frozen":
         roles["decoder"] = decoder.denoiser
     optimizer, scheduler = make_optimizer(roles, cfg.optim, cfg.train.steps)
-    step_module, optimizer, scheduler = acc.prepare(step_module, optimizer, scheduler)
+    module = TrainStep(head, mllm, decoder, prefix_cache=cfg.train.prefix_cache)
+    module, optimizer, scheduler = acc.prepare(module, optimizer, scheduler)
+    return Run(acc, mllm, decoder, head, module, optimizer, scheduler, data, cache)
 
-    ckpt_root = out / "checkpoints"
-    progress, resumed = restore(acc, cfg, ckpt_root, data)
+
+def train(cfg: RunConfig) -> Path:
+    """Run the configured stage; returns the path of the exported MetaQuery checkpoint."""
+    check_run(cfg)
+    run = setup(cfg)
+    acc, out, ckpt_root = run.acc, Path(cfg.train.output_dir), Path(cfg.train.output_dir) / "checkpoints"
+    progress, resumed = restore(acc, cfg, ckpt_root, run.data)
     if acc.is_main_process:
         save_config(cfg, out / "config.yaml")
         if acc.log_with:
@@ -137,7 +168,7 @@ def train(cfg: RunConfig) -> Path:
     grids = acc.is_main_process and cfg.train.sample_every and cfg.train.stage == "instruct"
     sample_data = open_training_data(cfg, rank=0, world_size=1) if grids else None
 
-    batches = iter_batches_from(data, cfg, progress.epoch, progress.position)
+    batches = iter_batches_from(run.data, cfg, progress.epoch, progress.position)
     bar = tqdm(
         total=cfg.train.steps, initial=progress.step, disable=not acc.is_local_main_process, desc=cfg.train.stage
     )
@@ -147,37 +178,41 @@ def train(cfg: RunConfig) -> Path:
             samples, (progress.epoch, progress.position), _ = next(batches)
             seed = step_seed(cfg.train.seed, progress.step, acc.process_index, micro)
             try:
-                loss, grad_norm = accumulate(
-                    acc, step_module, optimizer, scheduler, to_model_batch(samples), cfg, seed, cache
+                micro_loss, grad_norm = accumulate(
+                    acc, run.module, run.optimizer, run.scheduler, to_model_batch(samples), cfg, seed, run.cache
                 )
             except NonFinite as e:
-                latest = checkpoints.latest_checkpoint(ckpt_root)
-                raise TrainingDiverged(
-                    f"{e} at step {progress.step + 1}; stopped before the optimizer step. The last good checkpoint is "
-                    f"{latest if latest else 'none (no checkpoint was written yet)'}; lower optim.lr, raise "
-                    "optim.warmup_steps or check the data, then resume from it with --train.resume=true"
-                ) from None
+                raise diverged(e, progress.step + 1, ckpt_root) from None
             seen += len(samples)
-            window.append(loss)
+            window.append(micro_loss)
         progress.step += 1
         bar.update(1)
-        lr = scheduler.get_last_lr()[0]
         if progress.step % cfg.train.log_every == 0 or progress.step == cfg.train.steps:
-            skips = sum_skips(acc, data.skips.counts)  # a collective: every process gets here at the same step
             rate = seen * acc.num_processes / (time.perf_counter() - t_log)  # over the logging window
-            record = {"step": progress.step, "loss": float(np.mean(window)), "lr": lr, "grad_norm": grad_norm}
-            record.update(samples_per_s=rate, epoch=progress.epoch, position=progress.position, **skips)
-            record.update(cache.metrics() if cache else {})
-            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", sps=f"{rate:.1f}")
+            record = {"step": progress.step, "loss": float(np.mean(window)), "lr": run.scheduler.get_last_lr()[0]}
+            record.update(grad_norm=grad_norm, samples_per_s=rate, epoch=progress.epoch, position=progress.position)
+            record.update(sum_skips(acc, run.data.skips.counts))  # a collective: every process is at this step
+            record.update(run.cache.metrics() if run.cache else {})
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", sps=f"{rate:.1f}")
             metrics.write(record)
-            t_log, seen, window = time.perf_counter(), 0, []
+            t_log, seen, window, loss = time.perf_counter(), 0, [], record["loss"]
         if cfg.train.checkpoint_every and progress.step % cfg.train.checkpoint_every == 0:
-            if progress.step < cfg.train.steps:
-                save_training_state(acc, ckpt_root, progress, dict(data.skips.counts), cfg.train.keep_checkpoints)
+            if progress.step < cfg.train.steps:  # the last step is exported instead
+                save_training_state(acc, ckpt_root, progress, dict(run.data.skips.counts), cfg.train.keep_checkpoints)
         if acc.is_main_process and should_sample(cfg, progress.step):
-            write_sample_grid(out / "samples" / f"step-{progress.step:08d}.png", mllm, head, decoder, cfg, sample_data)
+            path = out / "samples" / f"step-{progress.step:08d}.png"
+            write_sample_grid(path, run.mllm, run.head, run.decoder, cfg, sample_data)
     bar.close()
-    return finish(acc, cfg, step_module, mllm, decoder, sample_data, loss)
+    return finish(run, cfg, sample_data, loss)
+
+
+def diverged(error: NonFinite, step: int, ckpt_root: Path) -> TrainingDiverged:
+    latest = checkpoints.latest_checkpoint(ckpt_root)
+    return TrainingDiverged(
+        f"{error} at step {step}; stopped before the optimizer step. The last good checkpoint is "
+        f"{latest if latest else 'none (no checkpoint was written yet)'}; lower optim.lr, raise optim.warmup_steps "
+        "or check the data, then resume from it with --train.resume=true"
+    )
 
 
 def should_sample(cfg: RunConfig, step: int) -> bool:
@@ -205,7 +240,9 @@ def accumulate(
     if x0 is None:
         with torch.no_grad():
             x0 = decoder.encode(mb.targets.to(acc.device, decoder.dtype))  # (B, c, h, w)
-    x0 = x0.to(acc.device, decoder.dtype)
+    # one memory layout whatever the source: the VAE can return channels-last strides, cached latents are contiguous,
+    # and the layout decides which conv kernels run (and so the last bits of the gradients)
+    x0 = x0.to(acc.device, decoder.dtype).contiguous()  # (B, c, h, w)
     g = torch.Generator().manual_seed(seed)
     u, noise = torch.rand(x0.shape[0], generator=g), torch.randn(x0.shape, generator=g)  # (B,), (B, c, h, w)
     grad_norm = float("nan")
@@ -217,9 +254,10 @@ def accumulate(
             raise NonFinite(f"the loss became {mean_loss.item()}")
         acc.backward(loss)
         if acc.sync_gradients:
+            # None under DeepSpeed, which clips inside its own step (set gradient_clipping in its config)
             norm = acc.clip_grad_norm_(step_module.parameters(), cfg.optim.grad_clip or float("inf"))
-            grad_norm = float(norm)
-            if not np.isfinite(grad_norm):  # gradients are synchronised: every process sees the same norm
+            grad_norm = float("nan") if norm is None else float(norm)
+            if norm is not None and not np.isfinite(grad_norm):  # gradients are synced: the same on every process
                 optimizer.zero_grad(set_to_none=True)
                 raise NonFinite(f"the gradient norm became {grad_norm}")
             optimizer.step()
@@ -275,6 +313,9 @@ def restore(acc: Accelerator, cfg: RunConfig, root: Path, data) -> tuple[Progres
     if acc.is_main_process:
         for stale in checkpoints.remove_leftovers(root):
             log.warning("removed %s, the unfinished save of a killed run", stale)
+        if cfg.train.overwrite and not cfg.train.resume and root.exists():
+            log.warning("train.overwrite: deleting the checkpoints of an earlier run in %s", root)
+            shutil.rmtree(root)
     acc.wait_for_everyone()
     latest = checkpoints.latest_checkpoint(root) if cfg.train.resume else None
     if latest is None:
@@ -295,8 +336,9 @@ def restore(acc: Accelerator, cfg: RunConfig, root: Path, data) -> tuple[Progres
     return Progress(state["step"], mine["epoch"], mine["position"]), True
 
 
-def finish(acc: Accelerator, cfg: RunConfig, step_module: nn.Module, mllm, decoder, sample_data, loss: float) -> Path:
+def finish(run: Run, cfg: RunConfig, sample_data: SampleDataset | None, loss: float) -> Path:
     """Replica check, export of the node checkpoint (from the gathered state, so FSDP shards work too), summary."""
+    acc, step_module, mllm, decoder = run.acc, run.module, run.mllm, run.decoder
     fingerprints = replica_fingerprints(acc, acc.unwrap_model(step_module))
     state = acc.get_state_dict(step_module)  # a collective under FSDP / DeepSpeed ZeRO-3
     export = Path(cfg.train.output_dir) / cfg.train.export_name

@@ -1,0 +1,191 @@
+"""What the trainer does with bad input (each a one-line message, never a silent fallback), cached VAE latents, and
+the shipped configs."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from PIL import Image
+from safetensors.torch import load_file
+
+from metaqueries_core.checkpoint import config_for, save_checkpoint
+from training.config import RunConfig
+from training.config_io import load_config
+from training.latent_cache import MANIFEST
+from training.run import main
+from training.run_log import read_metrics
+from training.trainer import train
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def folders(mllm_folder, decoder_loader):
+    return mllm_folder("qwen2_5_vl"), decoder_loader("sana").source
+
+
+def args(folders, out: Path, *extra: str) -> list[str]:
+    return [
+        f"--model.mllm={folders[0]}",
+        f"--model.decoder={folders[1]}",
+        "--model.num_queries=4",
+        "--model.connector.depth=1",
+        "--data.toyworld_size=32",
+        "--data.resolution=32",
+        "--optim.warmup_steps=1",
+        "--train.steps=3",
+        "--train.batch_size=2",
+        "--train.sample_every=0",
+        "--train.log_every=1",
+        f"--train.output_dir={out}",
+        *extra,
+    ]
+
+
+def broken_shard(path: Path, good: int, bad: int) -> Path:
+    """A webdataset shard with `good` readable images and `bad` truncated ones."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(buf, format="PNG")
+    records = [(f"g{i}", buf.getvalue()) for i in range(good)] + [(f"b{i}", buf.getvalue()[:50]) for i in range(bad)]
+    with tarfile.open(path, "w") as tar:
+        for key, image in records:
+            for ext, data in (("png", image), ("txt", b"a red square")):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+# ------------------------------------------------------------------------------------------------- bad input
+
+
+def test_config_typo_exits_2_naming_the_key(folders, tmp_path, capsys):
+    assert main(args(folders, tmp_path, "--train.stepz=3")) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'train.stepz'" in err and "did you mean 'train.steps'" in err
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("model:\n  mllm: x\n  decoder_mod: full\n")
+    assert main([str(yaml_file)]) == 2
+    assert "unknown config key 'model.decoder_mod'" in capsys.readouterr().err
+
+
+def test_missing_model_folder_is_named(folders, tmp_path, capsys):
+    missing = tmp_path / "no_such_mllm"
+    assert main(args(folders, tmp_path / "run", f"--model.mllm={missing}")) == 1
+    err = capsys.readouterr().err
+    assert f"model.mllm folder {str(missing)!r} cannot be used: it does not exist" in err
+    assert main(args(folders, tmp_path / "run", "--model.init_checkpoint=nope.safetensors")) == 1
+    assert "model.init_checkpoint 'nope.safetensors' is not a file" in capsys.readouterr().err
+
+
+def test_dataset_without_usable_samples_is_a_clear_error(folders, tmp_path, capsys):
+    shard = broken_shard(tmp_path / "bad" / "0.tar", good=0, bad=3)
+    assert main(args(folders, tmp_path / "run", "--data.kind=webdataset", f"--data.path={shard}")) == 1
+    assert "no usable sample in" in capsys.readouterr().err
+    few = broken_shard(tmp_path / "few" / "0.tar", good=1, bad=1)  # one sample never fills a batch of 2
+    assert main(args(folders, tmp_path / "run", "--data.kind=webdataset", f"--data.path={few}")) == 1
+    err = capsys.readouterr().err
+    assert "gave 1 usable samples on this process, not enough for one batch of train.batch_size=2" in err
+    assert "decode_error: 1" in err
+
+
+def test_a_used_output_folder_needs_resume_or_overwrite(folders, tmp_path, capsys):
+    (tmp_path / "run" / "checkpoints" / "step-00000005").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "step-00000005" / "trainer_state.json").write_text("{}")
+    assert main(args(folders, tmp_path / "run")) == 1
+    assert "pass --train.resume=true to continue it, --train.overwrite=true" in capsys.readouterr().err
+    assert main(args(folders, tmp_path / "run", "--train.overwrite=true")) == 0
+    assert not (tmp_path / "run" / "checkpoints" / "step-00000005").exists()
+
+
+def test_init_checkpoint_for_other_models_is_refused(folders, tmp_path, capsys, mllm_loader, decoder_loader, make_head):
+    mllm, sana = mllm_loader("qwen2_5_vl"), decoder_loader("sana")
+    head = make_head(mllm, sana, num_queries=4)
+    ckpt = save_checkpoint(tmp_path / "sana_head.safetensors", head, config_for(head, mllm=mllm, decoder=sana))
+    sd15 = decoder_loader("sd15").source
+    assert main(args(folders, tmp_path / "run", f"--model.decoder={sd15}", f"--model.init_checkpoint={ckpt}")) == 1
+    err = capsys.readouterr().err
+    assert "cannot set up the models: MetaQuery checkpoint does not match the loaded models" in err
+    assert "decoder family: checkpoint 'sana', loaded 'sd15'" in err
+
+
+def test_cached_latents_need_deterministic_targets(folders, tmp_path, capsys):
+    assert main(args(folders, tmp_path / "run", "--data.cache_latents=true", "--data.random_crop=true")) == 1
+    assert "data.cache_latents needs deterministic targets, but data.random_crop is true" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- cached latents
+
+
+def test_cached_latents_give_the_same_losses_and_are_reused(folders, tmp_path, monkeypatch):
+    common = ("--train.steps=3",)
+    plain = train(load_config(RunConfig, None, args(folders, tmp_path / "plain", *common)))
+    cached = train(
+        load_config(RunConfig, None, args(folders, tmp_path / "cached", *common, "--data.cache_latents=true"))
+    )
+    a, b = read_metrics(tmp_path / "plain" / "metrics.jsonl"), read_metrics(tmp_path / "cached" / "metrics.jsonl")
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]  # bit-identical latents, so identical losses
+    assert b[-1]["latent_cache/hits"] == 3 * 2 and b[-1]["latent_cache/misses"] == 0
+    assert torch.equal(load_file(plain)["queries"], load_file(cached)["queries"])
+    cache = tmp_path / "cached" / "latent_cache"
+    assert (cache / MANIFEST).is_file() and len(list(cache.glob("rank00000-*.safetensors"))) == 1
+
+    # a second run with the same data reuses the cache: the VAE encoder is never called
+    import metaqueries_core.decoders.base as base
+
+    def no_vae(*a, **k):
+        raise AssertionError("the VAE encoder ran although every latent is cached")
+
+    monkeypatch.setattr(base.DecoderAdapter, "encode", no_vae)
+    extra = ("--data.cache_latents=true", f"--data.latent_cache_dir={cache}")
+    train(load_config(RunConfig, None, args(folders, tmp_path / "again", *common, *extra)))
+    assert [r["loss"] for r in read_metrics(tmp_path / "again" / "metrics.jsonl")] == [r["loss"] for r in b]
+
+
+# ---------------------------------------------------------------------------------------------- shipped configs
+
+
+def test_configs_are_shipped_for_every_reference_recipe():
+    names = {p.stem for p in CONFIGS}
+    for mllm in ("llava_ov_0p5b", "qwen2p5vl_3b", "qwen2p5vl_7b"):
+        assert {f"{mllm}_sana_pretrain", f"{mllm}_sd15_pretrain"} <= names
+    assert {"tiny_pretrain", "tiny_instruct", "qwen2p5vl_3b_sana_instruct", "llava_ov_0p5b_sana_instruct"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_shipped_config_loads_strictly(path):
+    cfg = load_config(RunConfig, path)
+    assert cfg.model.mllm and cfg.model.decoder
+    if cfg.train.stage == "instruct" and not path.stem.startswith("tiny"):
+        assert cfg.model.init_checkpoint, "instruction tuning starts from a pretrain export"
+
+
+@pytest.mark.slow
+def test_tiny_configs_run_from_the_model_kit(tmp_path, monkeypatch):
+    """The README commands, shortened: write the tiny models, then pretrain and instruct from the shipped YAMLs."""
+    from training.make_tiny_models import main as make_models
+
+    monkeypatch.chdir(tmp_path)  # the tiny configs use paths relative to the working folder (runs/...)
+    assert make_models(["runs/tiny_models"]) == 0
+    short = ["--train.steps=3", "--train.sample_every=2", "--train.checkpoint_every=2", "--train.sample_steps=2"]
+    assert main([str(REPO / "configs" / "tiny_pretrain.yaml"), *short]) == 0
+    AcceleratorState._reset_state(True)
+    assert main([str(REPO / "configs" / "tiny_instruct.yaml"), *short]) == 0
+    summary = json.loads((tmp_path / "runs" / "tiny_instruct" / "summary.json").read_text())
+    assert summary["stage"] == "instruct" and Path(summary["export"]).is_file()
+    assert (tmp_path / "runs" / "tiny_instruct" / "samples" / "final.png").is_file()

@@ -1,0 +1,205 @@
+"""Checkpoints and failure: exact resume, a save killed midway, a diverged loss, and two processes (gloo) that must
+hold identical weights. All float32 on the CPU, so "the same" means bit for bit."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from PIL import Image
+from safetensors.torch import load_file
+from torch import nn
+
+import training.checkpoints as checkpoints
+import training.trainer as trainer
+from metaqueries_core.checkpoint import load_checkpoint
+from training.config import RunConfig
+from training.config_io import load_config
+from training.run import main
+from training.run_log import read_metrics, weights_fingerprint
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def folders(mllm_folder, decoder_loader):
+    return mllm_folder("qwen2_5_vl"), decoder_loader("sana").source
+
+
+def args(folders, out: Path, *extra: str) -> list[str]:
+    return [
+        f"--model.mllm={folders[0]}",
+        f"--model.decoder={folders[1]}",
+        "--model.num_queries=4",
+        "--model.connector.depth=1",
+        "--data.toyworld_size=32",
+        "--optim.warmup_steps=1",
+        "--train.batch_size=2",
+        "--train.sample_every=0",
+        "--train.log_every=1",
+        f"--train.output_dir={out}",
+        *extra,
+    ]
+
+
+def run(folders, out: Path, *extra: str) -> Path:
+    return trainer.train(load_config(RunConfig, None, args(folders, out, *extra)))
+
+
+def tensors_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def interrupt_at_call(monkeypatch, n: int) -> None:
+    """Make the n-th micro-batch (1-based) raise KeyboardInterrupt, as a kill of the process would stop it."""
+    real, calls = trainer.accumulate, [0]
+
+    def counted(*a, **k):
+        calls[0] += 1
+        if calls[0] == n:
+            raise KeyboardInterrupt(f"simulated kill at micro-batch {n}")
+        return real(*a, **k)
+
+    monkeypatch.setattr(trainer, "accumulate", counted)
+
+
+def test_resume_continues_exactly(folders, tmp_path, monkeypatch):
+    # a small JSONL set (5 images, 2 full batches an epoch) so the run crosses epochs; the decoder trains too
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = []
+    for i in range(5):
+        torch.manual_seed(i)
+        Image.fromarray((torch.rand(32, 32, 3) * 255).byte().numpy()).save(data / f"{i}.png")
+        lines.append(json.dumps({"image": f"{i}.png", "caption": f"picture {i}"}))
+    (data / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    common = (
+        "--data.kind=jsonl",
+        f"--data.path={data}",
+        "--data.resolution=32",
+        "--model.decoder_mode=full",
+        "--optim.lr=1e-2",
+        "--train.steps=4",
+        "--train.grad_accum=2",
+        "--train.checkpoint_every=2",
+    )
+    straight = run(folders, tmp_path / "straight", *common)
+
+    interrupt_at_call(monkeypatch, 7)  # step 4's first micro-batch: step 3 is logged but not checkpointed
+    with pytest.raises(KeyboardInterrupt):
+        run(folders, tmp_path / "split", *common)
+    monkeypatch.undo()
+    assert checkpoints.latest_checkpoint(tmp_path / "split" / "checkpoints").name == "step-00000002"
+    assert [r["step"] for r in read_metrics(tmp_path / "split" / "metrics.jsonl")] == [1, 2, 3]
+    resumed = run(folders, tmp_path / "split", *common, "--train.resume=true")
+
+    assert tensors_equal(load_file(straight), load_file(resumed))  # queries, connector and decoder, bit for bit
+    a, b = read_metrics(tmp_path / "straight" / "metrics.jsonl"), read_metrics(tmp_path / "split" / "metrics.jsonl")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]  # step 3 of the killed run was dropped, then logged again
+    for ra, rb in zip(a, b):  # same data position, LR, loss and gradient at every step
+        for key in ("loss", "lr", "grad_norm", "epoch", "position"):
+            assert ra[key] == rb[key], (ra["step"], key, ra[key], rb[key])
+    assert a[-1]["epoch"] >= 2  # the data really wrapped around epochs
+
+
+def test_a_save_killed_midway_leaves_the_previous_checkpoint_newest(folders, tmp_path, monkeypatch):
+    real = checkpoints.publish
+
+    def dies_on_step_2(root, tmp, step, state, keep):
+        if step == 2:  # everything is written into the temp folder, the rename never happens
+            raise KeyboardInterrupt("simulated kill during save")
+        return real(root, tmp, step, state, keep)
+
+    monkeypatch.setattr(checkpoints, "publish", dies_on_step_2)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run(folders, out, "--train.steps=4", "--train.checkpoint_every=1")
+    monkeypatch.undo()
+    root = out / "checkpoints"
+    assert (root / ".tmp-step-00000002" / "model.safetensors").is_file()
+    assert checkpoints.latest_checkpoint(root).name == "step-00000001"
+
+    export = run(folders, out, "--train.steps=4", "--train.checkpoint_every=1", "--train.resume=true")
+    assert export.is_file() and not (root / ".tmp-step-00000002").exists()
+    assert [p.name for p in checkpoints.checkpoint_dirs(root)] == ["step-00000002", "step-00000003"]
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_publish_never_leaves_a_half_deleted_checkpoint_that_looks_complete(tmp_path, monkeypatch):
+    root = tmp_path / "ckpts"
+    for step in (1, 2):
+        tmp = checkpoints.temp_dir(root, step)
+        tmp.mkdir(parents=True)
+        (tmp / "model.safetensors").write_bytes(b"x")
+        checkpoints.publish(root, tmp, step, {"step": step}, keep=2)
+
+    def killed_rmtree(path, *a, **k):
+        raise KeyboardInterrupt("killed while pruning")
+
+    tmp = checkpoints.temp_dir(root, 3)
+    tmp.mkdir()
+    monkeypatch.setattr(checkpoints.shutil, "rmtree", killed_rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoints.publish(root, tmp, 3, {"step": 3}, keep=2)  # step 1 is being pruned when the kill comes
+    assert [p.name for p in checkpoints.checkpoint_dirs(root)] == ["step-00000002", "step-00000003"]
+
+
+def test_nan_loss_stops_naming_the_last_good_checkpoint(folders, tmp_path, monkeypatch, capsys):
+    real, calls = trainer.diffusion_loss, [0]
+
+    def poisoned(*a, **k):
+        calls[0] += 1
+        loss = real(*a, **k)
+        return loss * float("nan") if calls[0] == 4 else loss
+
+    monkeypatch.setattr(trainer, "diffusion_loss", poisoned)
+    out = tmp_path / "run"
+    assert main(args(folders, out, "--train.steps=6", "--train.checkpoint_every=2")) == 1
+    err = capsys.readouterr().err
+    assert "training stopped: the loss became nan at step 4" in err
+    assert f"The last good checkpoint is {out / 'checkpoints' / 'step-00000002'}" in err
+    root = out / "checkpoints"
+    assert [p.name for p in root.iterdir()] == ["step-00000002"]  # intact, and no half save next to it
+    state = load_file(root / "step-00000002" / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in state.values())
+    assert not (out / "metaquery.safetensors").exists()
+
+
+def test_resume_with_another_process_count_is_refused(folders, tmp_path, capsys):
+    ckpt = tmp_path / "run" / "checkpoints" / "step-00000002"
+    ckpt.mkdir(parents=True)
+    ranks = [{"epoch": 0, "position": 4, "skips": {}}] * 2
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 2, "world_size": 2, "ranks": ranks}))
+    assert main(args(folders, tmp_path / "run", "--train.steps=4", "--train.resume=true")) == 1
+    assert "was written by 2 processes, this run has 1" in capsys.readouterr().err
+
+
+def test_two_processes_hold_identical_weights(folders, tmp_path):
+    out = tmp_path / "ddp"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "training.run"]
+    cmd = launch + args(folders, out, "--train.steps=3", "--train.checkpoint_every=2")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    fingerprints = summary["replica_fingerprints"]
+    assert summary["processes"] == 2 and len(fingerprints) == 2 and fingerprints[0] == fingerprints[1]
+    # the export holds exactly those replicas' weights (named as in the training module: head.*)
+    _, head, _ = load_checkpoint(out / "metaquery.safetensors")
+    assert weights_fingerprint(nn.ModuleDict({"head": head})) == fingerprints[0]
+    state = checkpoints.read_state(out / "checkpoints" / "step-00000002")
+    assert state["world_size"] == 2 and len(state["ranks"]) == 2
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3]  # one writer

@@ -1,0 +1,76 @@
+"""What a run writes besides checkpoints: `metrics.jsonl` (one JSON object per logged step), `summary.json` at the
+end, and the replica check of multi-process runs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, gather_object
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+# Replicas hold whole copies of the trained weights only under plain data parallelism; FSDP / DeepSpeed shard them.
+REPLICATED = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+
+
+class MetricsLog:
+    """Appends records to `metrics.jsonl` on the main process (and to the accelerate trackers when configured).
+
+    On resume from step S the lines of steps after S are dropped first: they were logged by the killed run after
+    its last checkpoint and are about to be logged again, so the file reads as one clean curve."""
+
+    def __init__(self, acc: Accelerator, path: Path, *, resume_step: int | None) -> None:
+        self.acc = acc
+        self.path = path
+        if not acc.is_main_process:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            path.write_text("")
+        elif path.is_file():
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.acc.is_main_process:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.acc.log_with:
+            self.acc.log(record, step=record["step"])
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a `metrics.jsonl`, in order."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def weights_fingerprint(module: nn.Module) -> str:
+    """sha256 over the names, shapes and exact bytes of the trainable parameters (in name order)."""
+    h = hashlib.sha256()
+    for name, p in sorted(module.named_parameters(), key=lambda item: item[0]):
+        if p.requires_grad:
+            h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def replica_fingerprints(acc: Accelerator, module: nn.Module) -> list[str] | None:
+    """Each process's fingerprint of its trained weights (a collective: call on every process); None when the
+    weights are sharded (FSDP / DeepSpeed), where per-process copies are not whole replicas."""
+    if acc.distributed_type not in REPLICATED:
+        return None
+    fingerprints = gather_object([weights_fingerprint(module)])
+    if len(set(fingerprints)) > 1:
+        log.error("the processes hold different weights after training: %s", fingerprints)
+    return fingerprints
+
+
+def write_summary(path: Path, summary: dict[str, Any]) -> None:
+    path.write_text(json.dumps(summary, indent=2) + "\n")
