@@ -2,3 +2,20 @@
 
 MLLM_FAMILIES = ["qwen2_5_vl", "qwen2_vl", "llava_onevision", "qwen2", "qwen3"]
 VISION_FAMILIES = ["qwen2_5_vl", "qwen2_vl", "llava_onevision"]
+
+
+def trainer_args(folders, out, *extra: str) -> list[str]:
+    """CLI overrides of a few-step toy-world training run on the tiny folders (MLLM, decoder)."""
+    return [
+        f"--model.mllm={folders[0]}",
+        f"--model.decoder={folders[1]}",
+        "--model.num_queries=4",
+        "--model.connector.depth=1",
+        "--data.toyworld_size=32",
+        "--optim.warmup_steps=1",
+        "--train.batch_size=2",
+        "--train.sample_every=0",
+        "--train.log_every=1",
+        f"--train.output_dir={out}",
+        *extra,
+    ]

@@ -29,6 +29,9 @@ class ModelSection:
     decoder: str = ""  # local diffusers folder (Sana or SD1.5)
     init_checkpoint: str | None = None  # a MetaQuery checkpoint to start from (instruct starts from pretrain)
     num_queries: int = 64  # 64-256 for Sana, 77 for SD1.5
+    # None: random queries. A text: the queries start as the MLLM's own embeddings of its tokens (repeated to
+    # num_queries), so the frozen MLLM treats the query slots like answer tokens and their states read the prompt
+    queries_init_text: str | None = None
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
     max_prompt_tokens: int = 256
     connector: ConnectorSection = field(default_factory=ConnectorSection)

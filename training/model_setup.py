@@ -83,7 +83,20 @@ def build_head(cfg: ModelSection, mllm: MLLMAdapter, decoder: DecoderAdapter) ->
         system_prompt=cfg.system_prompt,
         max_prompt_tokens=cfg.max_prompt_tokens,
     )
+    if cfg.queries_init_text is not None:
+        init_queries_from_text(head, mllm, cfg.queries_init_text)
     return head.to(mllm.device)
+
+
+@torch.no_grad()
+def init_queries_from_text(head: MetaQueryHead, mllm: MLLMAdapter, text: str) -> None:
+    """Set the queries to the MLLM's input embeddings of `text`'s tokens, repeated to the number of queries."""
+    ids = mllm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"model.queries_init_text {text!r} has no tokens; give a non-empty text or null")
+    ids = (ids * head.num_queries)[: head.num_queries]
+    emb = mllm.language_model.get_input_embeddings().weight[torch.tensor(ids, device=mllm.device)]  # (N, D)
+    head.queries.queries.copy_(emb.float().to(head.queries.queries.device))
 
 
 def set_decoder_mode(decoder: DecoderAdapter, mode: str, lora_rank: int) -> None:

@@ -51,6 +51,9 @@ class ToyJobConfig:
     teach_lr: float = 1e-3
     # the MetaQuery head
     num_queries: int = 16
+    # the taught MLLM's answers start with "a": query slots that look like that token read the prompt 2.6x more
+    # (state spread across prompts 1.07 vs 0.41 for random queries), and random queries collapsed in training
+    queries_init_text: str | None = "a"
     connector_depth: int = 2
     # the decoder (pixel-space Sana class)
     decoder_layers: int = 4
@@ -59,10 +62,10 @@ class ToyJobConfig:
     decoder_patch: int = 4  # 64 tokens at 32x32: 4x cheaper than patch 2, still 2x2 tokens per 8 px object
     # generation training
     batch_size: int = 16
-    pretrain_steps: int = 1000
-    instruct_steps: int = 300
-    lr: float = 1e-3
-    queries_lr: float = 3e-3
+    pretrain_steps: int = 2800  # ~6 steps/s on 2 idle cores: the whole job fits in about 13 minutes
+    instruct_steps: int = 700
+    lr: float = 2e-3
+    queries_lr: float = 1e-3
     # scoring
     eval_two_object: int = 60  # prompts (the 90 single-object prompts are always all scored)
     eval_edits: int = 60  # half from held-out, half from seen sources
@@ -118,6 +121,7 @@ def run_config(cfg: ToyJobConfig, work: Path, stage: str, mllm: Path, decoder: P
             decoder=str(decoder),
             init_checkpoint=str(init) if init else None,
             num_queries=cfg.num_queries,
+            queries_init_text=cfg.queries_init_text,
             system_prompt=SYSTEM_PROMPT,
             max_prompt_tokens=64,
             connector=ConnectorSection(depth=cfg.connector_depth, init_std=0.02),

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import torch
 from PIL import Image
 from torch import nn
+from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
 from ..images import ensure_min_side, to_rgb
 
@@ -91,9 +92,13 @@ class MLLMAdapter(ABC):
 
     # ---- loading -------------------------------------------------------------------------------------------
     @classmethod
-    @abstractmethod
     def from_folder(cls, path: Path, *, dtype: torch.dtype, device: str | torch.device, **options: Any) -> MLLMAdapter:
-        """Load model, tokenizer and image processor from a local Hugging Face folder."""
+        """Load model, tokenizer and (for vision families) image processor from a local Hugging Face folder."""
+        auto = AutoModelForImageTextToText if cls.image_token is not None else AutoModelForCausalLM
+        model = auto.from_pretrained(path, dtype=dtype).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        image_processor = AutoImageProcessor.from_pretrained(path) if cls.image_token is not None else None
+        return cls(model=model, tokenizer=tokenizer, image_processor=image_processor, name=str(path), **options)
 
     # ---- family hooks ----------------------------------------------------------------------------------------
     @property

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 from torch import nn
-from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
 from .base import MLLMAdapter
 
@@ -17,13 +15,6 @@ class LlavaOneVisionAdapter(MLLMAdapter):
     model_types = ("llava_onevision",)
     image_token = "<image>"
     default_max_images = 8
-
-    @classmethod
-    def from_folder(cls, path: Path, *, dtype: torch.dtype, device: str | torch.device, **options: Any) -> MLLMAdapter:
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        image_processor = AutoImageProcessor.from_pretrained(path)
-        return cls(model=model, tokenizer=tokenizer, image_processor=image_processor, name=str(path), **options)
 
     @property
     def language_model(self) -> nn.Module:

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 
 from metaqueries_core.checkpoint import check_compatible, load_checkpoint
@@ -31,14 +30,6 @@ try:
     import pyarrow.parquet as pq
 except ImportError:
     pa = pq = None
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """accelerate keeps process-wide singletons; each run in this process starts from a clean one."""
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 @pytest.fixture(scope="module")

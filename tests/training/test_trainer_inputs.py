@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
+from accelerate.state import AcceleratorState
+from mq_testutil import trainer_args
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -26,34 +27,8 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
-@pytest.fixture(scope="module")
-def folders(mllm_folder, decoder_loader):
-    return mllm_folder("qwen2_5_vl"), decoder_loader("sana").source
-
-
 def args(folders, out: Path, *extra: str) -> list[str]:
-    return [
-        f"--model.mllm={folders[0]}",
-        f"--model.decoder={folders[1]}",
-        "--model.num_queries=4",
-        "--model.connector.depth=1",
-        "--data.toyworld_size=32",
-        "--data.resolution=32",
-        "--optim.warmup_steps=1",
-        "--train.steps=3",
-        "--train.batch_size=2",
-        "--train.sample_every=0",
-        "--train.log_every=1",
-        f"--train.output_dir={out}",
-        *extra,
-    ]
+    return trainer_args(folders, out, "--data.resolution=32", "--train.steps=3", *extra)
 
 
 def broken_shard(path: Path, good: int, bad: int) -> Path:
