@@ -66,6 +66,7 @@ class ToyJobConfig:
     instruct_steps: int = 700
     lr: float = 2e-3
     queries_lr: float = 1e-3
+    decoder_lr: float | None = None  # None: lr
     # scoring
     eval_two_object: int = 60  # prompts (the 90 single-object prompts are always all scored)
     eval_edits: int = 60  # half from held-out, half from seen sources
@@ -129,7 +130,12 @@ def run_config(cfg: ToyJobConfig, work: Path, stage: str, mllm: Path, decoder: P
         ),
         data=DataSection(kind="toyworld", toyworld_size=cfg.image_size, toyworld_seed=cfg.seed),
         optim=OptimSection(
-            lr=cfg.lr, queries_lr=cfg.queries_lr, warmup_steps=min(100, steps // 10), weight_decay=0.0, grad_clip=1.0
+            lr=cfg.lr,
+            queries_lr=cfg.queries_lr,
+            decoder_lr=cfg.decoder_lr,
+            warmup_steps=min(100, steps // 10),
+            weight_decay=0.0,
+            grad_clip=1.0,
         ),
         train=TrainSection(
             stage=stage,
