@@ -97,7 +97,8 @@ def evaluate(
     }
     if grid_path is not None:
         grid_path.parent.mkdir(parents=True, exist_ok=True)
-        grid(shown).resize((grid(shown).width * 4, grid(shown).height * 4), Image.NEAREST).save(grid_path)
+        canvas = grid(shown)
+        canvas.resize((canvas.width * 4, canvas.height * 4), Image.NEAREST).save(grid_path)
     return scores
 
 
