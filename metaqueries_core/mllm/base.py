@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import logging
-from abc import ABC, abstractmethod
+from abc import ABC
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -102,9 +102,10 @@ class MLLMAdapter(ABC):
 
     # ---- family hooks ----------------------------------------------------------------------------------------
     @property
-    @abstractmethod
     def language_model(self) -> nn.Module:
-        """The text decoder that returns last-layer states after the final norm."""
+        """The text decoder that returns last-layer states after the final norm (the HF multimodal layout
+        `model.model.language_model`; text-only families override)."""
+        return self.model.model.language_model
 
     @property
     def width(self) -> int:
@@ -234,7 +235,9 @@ class MLLMAdapter(ABC):
 
     @property
     def image_token_id(self) -> int:
-        return self.tokenizer.convert_tokens_to_ids(self.image_token)
+        """The placeholder id the model's config declares (what its own forward matches), else the tokenizer's."""
+        configured = getattr(self.model.config, "image_token_id", None)
+        return configured if configured is not None else self.tokenizer.convert_tokens_to_ids(self.image_token)
 
     # ---- the frozen forward ----------------------------------------------------------------------------------
     def query_states(self, batch: PromptBatch, queries: torch.Tensor, *, prefix_cache: bool = False) -> torch.Tensor:

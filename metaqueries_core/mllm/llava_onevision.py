@@ -6,7 +6,6 @@ from typing import Any
 
 import torch
 from PIL import Image
-from torch import nn
 
 from .base import MLLMAdapter
 
@@ -15,14 +14,6 @@ class LlavaOneVisionAdapter(MLLMAdapter):
     model_types = ("llava_onevision",)
     image_token = "<image>"
     default_max_images = 8
-
-    @property
-    def language_model(self) -> nn.Module:
-        return self.model.model.language_model
-
-    @property
-    def image_token_id(self) -> int:
-        return self.model.config.image_token_id
 
     def image_features(self, images: list[list[Image.Image]]) -> tuple[list[torch.Tensor], dict[str, Any]]:
         cfg = self.model.config

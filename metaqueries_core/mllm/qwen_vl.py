@@ -6,7 +6,6 @@ from typing import Any
 
 import torch
 from PIL import Image
-from torch import nn
 
 from .base import MLLMAdapter
 
@@ -17,17 +16,9 @@ class QwenVLAdapter(MLLMAdapter):
     default_max_images = 8
 
     @property
-    def language_model(self) -> nn.Module:
-        return self.model.model.language_model
-
-    @property
     def min_image_side(self) -> int:
         # the processor's smart_resize needs at least one merged patch per side
         return self.image_processor.patch_size * self.image_processor.merge_size
-
-    @property
-    def image_token_id(self) -> int:
-        return self.model.config.image_token_id
 
     def image_features(self, images: list[list[Image.Image]]) -> tuple[list[torch.Tensor], dict[str, Any]]:
         flat = [im for sample in images for im in sample]

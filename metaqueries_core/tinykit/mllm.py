@@ -64,19 +64,24 @@ def _text_config(size: TinySize, vocab: int, **extra: Any) -> dict[str, Any]:
     )
 
 
+def _chat_tokenizer(specials: list[str], template: str, size: TinySize, texts: Iterable[str]) -> Any:
+    """Every tiny family speaks ChatML: <|endoftext|> pads, <|im_end|> ends a turn."""
+    return train_bpe_tokenizer(
+        special_tokens=specials,
+        texts=texts,
+        vocab_size=size.vocab_size,
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        chat_template=template,
+    )
+
+
 def _ids(tok: Any, *names: str) -> list[int]:
     return [tok.convert_tokens_to_ids(n) for n in names]
 
 
 def _qwen_vl(size: TinySize, texts: Iterable[str], v25: bool) -> tuple[torch.nn.Module, Any, Any]:
-    tok = train_bpe_tokenizer(
-        special_tokens=QWEN_SPECIALS,
-        texts=texts,
-        vocab_size=size.vocab_size,
-        pad_token="<|endoftext|>",
-        eos_token="<|im_end|>",
-        chat_template=templates.QWEN_VL,
-    )
+    tok = _chat_tokenizer(QWEN_SPECIALS, templates.QWEN_VL, size, texts)
     pad, eos, image, video, vstart = _ids(
         tok, "<|endoftext|>", "<|im_end|>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>"
     )
@@ -130,14 +135,7 @@ def _qwen_vl(size: TinySize, texts: Iterable[str], v25: bool) -> tuple[torch.nn.
 
 
 def _llava_onevision(size: TinySize, texts: Iterable[str]) -> tuple[torch.nn.Module, Any, Any]:
-    tok = train_bpe_tokenizer(
-        special_tokens=LLAVA_SPECIALS,
-        texts=texts,
-        vocab_size=size.vocab_size,
-        pad_token="<|endoftext|>",
-        eos_token="<|im_end|>",
-        chat_template=templates.LLAVA_ONEVISION,
-    )
+    tok = _chat_tokenizer(LLAVA_SPECIALS, templates.LLAVA_ONEVISION, size, texts)
     pad, eos, image, video = _ids(tok, "<|endoftext|>", "<|im_end|>", "<image>", "<video>")
     tile = size.patch * 4  # SigLIP tile side: 4x4 patches
     pinpoints = [[tile, tile], [tile, 2 * tile], [2 * tile, tile], [2 * tile, 2 * tile]]
@@ -171,14 +169,7 @@ def _llava_onevision(size: TinySize, texts: Iterable[str]) -> tuple[torch.nn.Mod
 
 
 def _text_lm(size: TinySize, texts: Iterable[str], qwen3: bool) -> tuple[torch.nn.Module, Any, None]:
-    tok = train_bpe_tokenizer(
-        special_tokens=QWEN_SPECIALS[:3],
-        texts=texts,
-        vocab_size=size.vocab_size,
-        pad_token="<|endoftext|>",
-        eos_token="<|im_end|>",
-        chat_template=templates.CHATML,
-    )
+    tok = _chat_tokenizer(QWEN_SPECIALS[:3], templates.CHATML, size, texts)
     pad, eos = _ids(tok, "<|endoftext|>", "<|im_end|>")
     kwargs = _text_config(size, len(tok), bos_token_id=pad, eos_token_id=eos, pad_token_id=pad)
     if qwen3:

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from metaqueries_core.mllm import MLLMAdapter
-from metaqueries_core.mllm.base import freeze
+from metaqueries_core.mllm.base import freeze, left_pad
 from metaqueries_core.toyworld import Scene, ToyWorld, scene_to_text
 
 log = logging.getLogger(__name__)
@@ -71,16 +71,8 @@ def lm_batch(mllm: MLLMAdapter, examples: list[tuple[str, list, str]]) -> dict:
         ans = mllm.tokenizer(answer, add_special_tokens=False)["input_ids"] + [eos]
         seqs.append(row + ans)
         labels.append([-100] * len(row) + ans)
-    length = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), length), mllm.pad_id, dtype=torch.long)
-    lab = torch.full((len(seqs), length), -100, dtype=torch.long)
-    mask = torch.zeros((len(seqs), length), dtype=torch.long)
-    for i, (s, lb) in enumerate(zip(seqs, labels)):
-        ids[i, length - len(s) :], lab[i, length - len(s) :], mask[i, length - len(s) :] = (
-            torch.tensor(s),
-            torch.tensor(lb),
-            1,
-        )
+    ids, mask = left_pad(seqs, mllm.pad_id, 0)  # (B, L)
+    lab, _ = left_pad(labels, -100, 0)  # (B, L): padding is ignored by the loss
     kwargs = mllm.forward_kwargs(ids.to(mllm.device), mask.to(mllm.device), extra)
     return {**kwargs, "labels": lab.to(mllm.device)}
 
