@@ -69,6 +69,14 @@ class OptimSection:
     grad_clip: float = 0.5
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    # queries and connector keep their initial values (LR 0) for this many first steps while a decoder trained from
+    # scratch learns to read their output, then warm up; 0: all start together. A fresh decoder and head trained
+    # together find the prompt-independent solution first (benchmarks/TOYWORLD.md)
+    head_hold_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if self.head_hold_steps < 0:
+            raise ValueError(f"optim.head_hold_steps must be >= 0, got {self.head_hold_steps}")
 
 
 @dataclass

@@ -9,6 +9,8 @@ from torch import nn
 
 from .config import OptimSection
 
+HEAD_ROLES = ("queries", "connector")  # what `head_hold_steps` holds back
+
 
 def param_groups(modules: dict[str, nn.Module], cfg: OptimSection) -> list[dict]:
     """One group per (role, decay) pair. Roles: 'queries', 'connector', 'decoder'. Norm weights, biases and the
@@ -42,9 +44,25 @@ def warmup_cosine(step: int, *, warmup: int, total: int, min_ratio: float) -> fl
 def make_optimizer(
     modules: dict[str, nn.Module], cfg: OptimSection, total_steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    opt = torch.optim.AdamW(param_groups(modules, cfg), betas=tuple(cfg.betas))
+    groups = param_groups(modules, cfg)
+    if cfg.head_hold_steps and cfg.head_hold_steps >= total_steps:
+        raise ValueError(
+            f"optim.head_hold_steps={cfg.head_hold_steps} must be below train.steps={total_steps}: "
+            "the queries and connector would never train"
+        )
+    opt = torch.optim.AdamW(groups, betas=tuple(cfg.betas))
     warmup = min(cfg.warmup_steps, max(0, total_steps - 1))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: warmup_cosine(s, warmup=warmup, total=total_steps, min_ratio=cfg.min_lr_ratio)
-    )
-    return opt, sched
+
+    def schedule(s: int) -> float:
+        return warmup_cosine(s, warmup=warmup, total=total_steps, min_ratio=cfg.min_lr_ratio)
+
+    def held(s: int) -> float:  # the head's schedule starts after the hold, over the steps that remain
+        if s < cfg.head_hold_steps:
+            return 0.0
+        rest = max(1, total_steps - cfg.head_hold_steps)
+        return warmup_cosine(
+            s - cfg.head_hold_steps, warmup=min(warmup, rest - 1), total=rest, min_ratio=cfg.min_lr_ratio
+        )
+
+    lambdas = [held if g["name"].split("/")[0] in HEAD_ROLES else schedule for g in groups]
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambdas)

@@ -189,7 +189,9 @@ def train(cfg: RunConfig) -> Path:
         bar.update(1)
         if progress.step % cfg.train.log_every == 0 or progress.step == cfg.train.steps:
             rate = seen * acc.num_processes / (time.perf_counter() - t_log)  # over the logging window
-            record = {"step": progress.step, "loss": float(np.mean(window)), "lr": run.scheduler.get_last_lr()[0]}
+            # the largest group LR: with optim.head_hold_steps the queries' group sits at 0 while the decoder trains
+            lr = max(run.scheduler.get_last_lr())
+            record = {"step": progress.step, "loss": float(np.mean(window)), "lr": lr}
             record.update(grad_norm=grad_norm, samples_per_s=rate, epoch=progress.epoch, position=progress.position)
             record.update(sum_skips(acc, run.data.skips.counts))  # a collective: every process is at this step
             record.update(run.cache.metrics() if run.cache else {})

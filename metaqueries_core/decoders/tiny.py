@@ -59,12 +59,14 @@ def write_tiny_sana(
     flow_shift: float = 3.0,
     seed: int = 0,
     pixel_space: bool = False,
+    interpolation_scale: float | None = None,
 ) -> Path:
     """Write a tiny Sana decoder (``SanaTransformer2DModel`` + ``AutoencoderDC`` + Sana's DPM++ flow scheduler config).
 
     The DC-AE downsamples by ``2 ** (len(vae_block_out_channels) - 1)``; images must be multiples of that times
     ``patch_size``. With ``pixel_space`` there is no DC-AE: the transformer denoises RGB (3 channels) directly.
-    Returns the folder."""
+    ``interpolation_scale`` turns on sin-cos position embeddings (released Sana has none and gets position from its
+    3x3 convolutions, too weak at a few tokens a side). Returns the folder."""
     root = Path(folder)
     if pixel_space:
         latent_channels = 3
@@ -83,6 +85,7 @@ def write_tiny_sana(
             caption_channels=caption_channels,
             sample_size=sample_size,
             patch_size=patch_size,
+            interpolation_scale=interpolation_scale,
         ),
     )
     n = len(vae_block_out_channels)

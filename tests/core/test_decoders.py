@@ -82,6 +82,21 @@ def test_prediction_type_override_and_validation(folders: dict[str, Path]) -> No
         load_decoder(folders["sd15"], prediction_type="sample")
 
 
+def test_position_embeddings_are_optional(tmp_path: Path) -> None:
+    """Released Sana has no position embedding; the toy decoder turns sin-cos ones on (read back from the folder)."""
+    plain = load_decoder(write_tiny_sana(tmp_path / "plain", sample_size=8, pixel_space=True))
+    pe = load_decoder(write_tiny_sana(tmp_path / "pe", sample_size=8, pixel_space=True, interpolation_scale=1.0))
+    assert plain.denoiser.patch_embed.pos_embed is None
+    assert pe.denoiser.config.interpolation_scale == 1.0
+    table = pe.denoiser.patch_embed.pos_embed  # (1, tokens, inner)
+    assert table.shape[1] == 64 and table.std() > 0.1
+    # same weights otherwise: the embedding alone changes the prediction, and differently per token position
+    latents, t, cond = torch.zeros(1, 3, 8, 8), torch.tensor([500.0]), torch.randn(1, 4, plain.text_width)
+    with torch.no_grad():
+        diff = pe.predict(latents, t, cond) - plain.predict(latents, t, cond)  # (1, 3, 8, 8)
+    assert diff.abs().max() > 1e-4 and diff[0, 0].std() > 1e-5
+
+
 def test_tiny_folders_are_reproducible(tmp_path: Path, adapters: dict[str, DecoderAdapter]) -> None:
     again = load_decoder(write_tiny_sana(tmp_path / "again"))
     ref = adapters["sana"].denoiser.state_dict()

@@ -20,6 +20,7 @@ TINY = [
     "--decoder_heads=2",
     "--decoder_head_dim=8",
     "--decoder_patch=4",
+    "--head_hold=0.5",
     "--batch_size=4",
     "--pretrain_steps=3",
     "--instruct_steps=2",
