@@ -54,9 +54,17 @@ class DataSection:
     layout: Literal["auto", "caption", "metaquery_instruct", "omniedit"] = "auto"  # hf column layout
     toyworld_size: int = 32  # toy image side
     toyworld_seed: int = 0
-    toyworld_subject_fraction: float = 0.3  # instruct stage: share of subject-driven pairs (rest: edits)
+    toyworld_subject_fraction: float = 0.3  # instruct stage: share of subject-driven pairs
+    # instruct stage: share of plain captions (no source image), so text-to-image is not forgotten (rest: edits)
+    toyworld_caption_fraction: float = 0.0
     cache_latents: bool = False  # encode targets with the VAE once, before training (frozen VAE)
     latent_cache_dir: str | None = None  # None: OUTPUT_DIR/latent_cache; a shared folder lets runs reuse one cache
+
+    def __post_init__(self) -> None:
+        shares = {"toyworld_subject_fraction": self.toyworld_subject_fraction}
+        shares["toyworld_caption_fraction"] = self.toyworld_caption_fraction
+        if any(not 0.0 <= v <= 1.0 for v in shares.values()) or sum(shares.values()) > 1.0:
+            raise ValueError(f"data.{' + '.join(shares)} must be shares in [0, 1] adding up to at most 1, got {shares}")
 
 
 @dataclass

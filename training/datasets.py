@@ -17,10 +17,13 @@ class ToyWorldData(IndexedDataset):
     """Training split of the toy world as a dataset: captions (pretrain), edits and subject pairs (instruct).
     Held-out combinations never appear here (the world guarantees it for the train split)."""
 
-    def __init__(self, world: ToyWorld, stage: str, *, subject_fraction: float = 0.3, **kwargs) -> None:
+    def __init__(
+        self, world: ToyWorld, stage: str, *, subject_fraction: float = 0.3, caption_fraction: float = 0.0, **kwargs
+    ) -> None:
         super().__init__(f"toyworld(size={world.size}, seed={world.seed})", stage, shuffle=False, **kwargs)
         self.world = world
         self.subject_fraction = subject_fraction
+        self.caption_fraction = caption_fraction
 
     @property
     def num_rows(self) -> int:
@@ -31,7 +34,11 @@ class ToyWorldData(IndexedDataset):
         if self.stage == "pretrain":
             s = self.world.caption_sample("train", row)
             return CaptionSample(s.image, s.caption, key)
-        if rng.random() < self.subject_fraction:
+        r = rng.random()
+        if r < self.caption_fraction:  # text-to-image inside the instruct stage: no source image
+            c = self.world.caption_sample("train", row)
+            return InstructSample([], c.caption, c.image, key)
+        if r < self.caption_fraction + self.subject_fraction:
             s = self.world.subject_sample("train", row, n_refs=int(rng.integers(1, 3)))
             return InstructSample(list(s.references), s.prompt, s.target_image, key)
         e = self.world.edit_sample("train", row)
@@ -43,7 +50,13 @@ def open_training_data(cfg: RunConfig, *, rank: int, world_size: int) -> Indexed
     if d.kind == "toyworld":
         world = ToyWorld(size=d.toyworld_size, seed=d.toyworld_seed)
         return ToyWorldData(
-            world, stage, subject_fraction=d.toyworld_subject_fraction, seed=seed, rank=rank, world_size=world_size
+            world,
+            stage,
+            subject_fraction=d.toyworld_subject_fraction,
+            caption_fraction=d.toyworld_caption_fraction,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
         )
     if not d.path:
         raise ValueError(f"data.path is empty: data.kind={d.kind!r} needs the path of the dataset")

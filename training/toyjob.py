@@ -67,8 +67,9 @@ class ToyJobConfig:
     decoder_pos_embed: bool = True
     # generation training
     batch_size: int = 16
-    pretrain_steps: int = 1500  # ~3 steps/s on 2 idle cores: the whole job fits in about 13 minutes
-    instruct_steps: int = 300
+    pretrain_steps: int = 1300  # ~2.7-3 steps/s on 2 idle cores: the whole job takes 13-14 minutes
+    instruct_steps: int = 250
+    instruct_captions: float = 0.3  # share of plain captions in the instruct stage: keeps text-to-image
     # pretrain: queries + connector hold still for this fraction of the steps while the fresh decoder learns to read
     # them (single-object all-correct 0.14 -> 0.28 at patch 4)
     head_hold: float = 0.3
@@ -140,7 +141,12 @@ def run_config(cfg: ToyJobConfig, work: Path, stage: str, mllm: Path, decoder: P
             connector=ConnectorSection(depth=cfg.connector_depth, init_std=0.02),
             decoder_mode="full",
         ),
-        data=DataSection(kind="toyworld", toyworld_size=cfg.image_size, toyworld_seed=cfg.seed),
+        data=DataSection(
+            kind="toyworld",
+            toyworld_size=cfg.image_size,
+            toyworld_seed=cfg.seed,
+            toyworld_caption_fraction=cfg.instruct_captions,
+        ),
         optim=OptimSection(
             lr=cfg.lr,
             queries_lr=cfg.queries_lr,

@@ -234,7 +234,7 @@ def _with_all(res: dict[str, bool]) -> dict[str, bool]:
 def score_image(image: Image.Image | np.ndarray, scene: Scene) -> dict[str, bool]:
     """Text-to-image check of what the scene claims: colour and shape always, position for placed (absolute
     region) and relation (relative) scenes, count for count scenes (exactly n components of that colour and shape;
-    other objects are ignored, as in GenEval)."""
+    other objects are ignored, as in GenEval). `exact` adds: no object beyond the claimed ones."""
     comps = detect(image)
     marks, rel = _match(scene, comps)
     res = {"colour": all(m[0] for m in marks), "shape": all(m[1] for m in marks)}
@@ -245,7 +245,11 @@ def score_image(image: Image.Image | np.ndarray, scene: Scene) -> dict[str, bool
     elif scene.layout == "count":
         o = scene.objects[0]
         res["count"] = sum((c.colour, c.shape) == (o.colour, o.shape) for c in comps) == len(scene.objects)
-    return _with_all(res)
+    res = _with_all(res)
+    # stricter than GenEval, and not part of "all": what the scene claims and nothing else (a picture of blobs can
+    # pass "all" by one blob matching while the rest are noise)
+    res["exact"] = res["all"] and len(comps) == len(scene.objects)
+    return res
 
 
 def score_edit(image: Image.Image | np.ndarray, target_scene: Scene) -> dict[str, bool]:

@@ -36,7 +36,7 @@ from metaqueries_core.toyworld import (
 )
 from metaqueries_core.toyworld.world import _refer
 
-KEYS = ("colour", "shape", "position", "count", "all")
+KEYS = ("colour", "shape", "position", "count", "all", "exact")
 
 
 def _texts_and_bytes(world: ToyWorld, split: str = "train", n: int = 12) -> list:
@@ -293,6 +293,18 @@ def test_scorer_is_right_on_ground_truth(size):
     assert min(_accuracy(edits).values()) >= 0.99 and min(_accuracy(subjects).values()) >= 0.99
     for p in w.eval_prompts("single") + w.eval_prompts("two_object", 40):
         assert score_image(render(p.scene, size, np.random.default_rng(0)), p.scene)["all"], p.prompt
+
+
+def test_exact_fails_an_extra_object_that_all_lets_pass():
+    w = ToyWorld(32, seed=0)
+    p = next(q for q in w.eval_prompts("single") if q.scene.objects[0].position == "left")
+    img = render(p.scene, 32, np.random.default_rng(0))
+    assert score_image(img, p.scene)["exact"]
+    ImageDraw.Draw(img).rectangle(
+        (22, 22, 28, 28), fill=COLOURS["green" if p.scene.objects[0].colour != "green" else "red"]
+    )
+    scores = score_image(img, p.scene)
+    assert scores["all"] and not scores["exact"]
 
 
 @pytest.mark.parametrize("size", [32, 64])

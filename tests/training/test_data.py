@@ -437,3 +437,36 @@ def test_buckets_and_bucketed_batches(tmp_path):
     assert sorted(len(b) for b in batches) == [3, 3, 3]
     assert sorted({s.image.size for s in b}.pop() for b in batches) == [(12, 12), (16, 8), (16, 8)]
     assert all(len({s.image.size for s in b}) == 1 for b in batches)
+
+
+def test_toyworld_instruct_mixes_in_captions_and_keeps_the_old_draws_without_them():
+    from itertools import islice
+
+    from metaqueries_core.toyworld import ToyWorld
+    from training.datasets import ToyWorldData
+
+    world = ToyWorld(size=32, seed=0)
+
+    def first(n: int, **kw) -> list[InstructSample]:
+        return list(islice(ToyWorldData(world, "instruct", seed=0, **kw).iter_from(0), n))
+
+    mixed = first(40, caption_fraction=0.5)
+    plain = [s for s in mixed if not s.source_images]
+    assert 10 <= len(plain) <= 30  # about half
+    for s in plain:  # a caption sample of the same row, target = its image
+        row = int(s.key.split("#")[1])
+        c = world.caption_sample("train", row)
+        assert s.instruction == c.caption and s.target.tobytes() == c.image.tobytes()
+    # without captions the stream is exactly what it was before the option existed (same draws, same rows)
+    default, zero = first(20), first(20, caption_fraction=0.0)
+    assert [(s.key, s.instruction) for s in default] == [(s.key, s.instruction) for s in zero]
+    assert all(s.source_images for s in default)
+
+
+def test_toyworld_shares_are_checked():
+    from training.config import DataSection
+
+    with pytest.raises(ValueError, match="adding up to at most 1"):
+        DataSection(toyworld_subject_fraction=0.6, toyworld_caption_fraction=0.5)
+    with pytest.raises(ValueError, match="shares in"):
+        DataSection(toyworld_caption_fraction=-0.1)
