@@ -8,6 +8,7 @@ sample grid. Override any field with `--key=value` (e.g. `--out=/tmp/toy --pretr
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -104,9 +105,56 @@ def mllm_size(cfg: ToyJobConfig) -> TinySize:
     )
 
 
+# What each stage's output depends on: its own settings and every earlier stage's. A stage is reused only when its
+# folder was made with the same values; otherwise it is redone (and so is every stage after it).
+_TEACH = ("seed", "image_size", "mllm_width", "mllm_layers", "teach_steps", "teach_batch", "teach_lr")
+_DECODER = ("decoder_layers", "decoder_heads", "decoder_head_dim", "decoder_patch", "decoder_pos_embed")
+_HEAD = ("num_queries", "queries_init_text", "connector_depth", "batch_size", "lr", "queries_lr", "decoder_lr")
+STAGE_SETTINGS = {
+    "mllm": _TEACH,
+    "decoder_init": ("seed", "image_size", "mllm_width", *_DECODER),
+    "pretrain": (*_TEACH, *_DECODER, *_HEAD, "pretrain_steps", "head_hold"),
+    "instruct": (*_TEACH, *_DECODER, *_HEAD, "pretrain_steps", "head_hold", "instruct_steps", "instruct_captions"),
+}
+STAMP = "toyjob_stage.json"
+
+
+def digest(path: Path) -> str:
+    """sha256 of a file, or of a folder's files (names and bytes, stage stamps left out)."""
+    h = hashlib.sha256()
+    files = sorted(f for f in path.rglob("*") if f.is_file() and f.name != STAMP) if path.is_dir() else [path]
+    for f in files:
+        h.update(str(f.relative_to(path)).encode() if path.is_dir() else b"")
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def claim_stage(cfg: ToyJobConfig, folder: Path, inputs: tuple[Path, ...] = ()) -> bool:
+    """Make `folder` the stage's, for these settings and these earlier outputs (`inputs`, compared by content).
+    True when it already was (finished, or stopped part-way for the trainer to resume); otherwise, or with `force`,
+    whatever is there (other settings, other inputs, an older version of this job) is removed, the folder is stamped,
+    and False is returned."""
+    want = {k: getattr(cfg, k) for k in STAGE_SETTINGS[folder.name]}
+    want.update({f"input {p.parent.name}/{p.name}": digest(p) for p in inputs})
+    stamp = folder / STAMP
+    had = json.loads(stamp.read_text()) if stamp.is_file() else None
+    if had == want and not cfg.force:
+        return True
+    if folder.exists():
+        changed = [k for k in want if had is None or had.get(k) != want[k]]
+        why = "--force" if cfg.force else f"changed: {', '.join(changed)}" if had else "made by an older toy job"
+        log.info("%s: redoing it (%s)", folder.name, why)
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    stamp.write_text(json.dumps(want, indent=2))
+    return False
+
+
 def stage_teach(cfg: ToyJobConfig, work: Path, world: ToyWorld) -> Path:
     folder = work / "mllm"
-    if (folder / "understanding.json").is_file() and not cfg.force:
+    if claim_stage(cfg, folder) and (folder / "understanding.json").is_file():
         log.info("teach: reusing %s", folder)
         return folder
     t0 = time.perf_counter()
@@ -181,7 +229,8 @@ def stage_train(cfg: ToyJobConfig, work: Path, stage: str, mllm: Path, decoder: 
     from .trainer import train
 
     export = work / stage / "metaquery.safetensors"
-    if export.is_file() and not cfg.force:
+    inputs = (mllm / "model.safetensors", decoder) + ((init,) if init else ())
+    if claim_stage(cfg, work / stage, inputs) and export.is_file():
         log.info("%s: reusing %s", stage, export)
         return export
     return train(run_config(cfg, work, stage, mllm, decoder, init))
@@ -193,8 +242,8 @@ def stage_export(cfg: ToyJobConfig, models: Path, mllm: Path, decoder_init: Path
     for d in (llm_dir, dec_dir):
         if d.exists():
             shutil.rmtree(d)
-    shutil.copytree(mllm, llm_dir, ignore=shutil.ignore_patterns("understanding.json"))
-    shutil.copytree(decoder_init, dec_dir)
+    shutil.copytree(mllm, llm_dir, ignore=shutil.ignore_patterns("understanding.json", STAMP))
+    shutil.copytree(decoder_init, dec_dir, ignore=shutil.ignore_patterns(STAMP))
     _, _, decoder_state = load_checkpoint(final)
     decoder = load_decoder(dec_dir)
     apply_decoder_state(decoder, decoder_state)
@@ -258,7 +307,7 @@ def run_toy_job(argv: list[str]) -> int:
     world = ToyWorld(size=cfg.image_size, seed=cfg.seed)
     mllm = stage_teach(cfg, work, world)
     decoder_init = work / "decoder_init"
-    if not (decoder_init / "model_index.json").is_file() or cfg.force:
+    if not (claim_stage(cfg, decoder_init) and (decoder_init / "model_index.json").is_file()):
         write_tiny_sana(
             decoder_init,
             caption_channels=cfg.mllm_width,

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
 from training.run import main as run_main
-from training.toyjob import CHECKPOINT_NAME, DECODER_NAME, MLLM_NAME, load_exported
+from training.toyjob import CHECKPOINT_NAME, DECODER_NAME, MLLM_NAME, STAMP, digest, load_exported
 
 TINY = [
     "--teach_steps=3",
@@ -48,10 +49,39 @@ def test_short_chain_exports_models_scores_and_reuses_stages(tmp_path):
     mllm, head, decoder = load_exported(models)
     assert not any(p.requires_grad for p in mllm.model.parameters())
 
-    # a second run reuses every training stage: the exported checkpoint is not rewritten
-    stamp = (out / "work" / "instruct" / "metaquery.safetensors").stat().st_mtime_ns
+    # a second run reuses every stage: nothing is rewritten
+    def mtimes() -> dict[str, int]:
+        files = {"mllm": "model.safetensors", "decoder_init": "model_index.json"}
+        files.update(pretrain="metaquery.safetensors", instruct="metaquery.safetensors")
+        return {stage: (out / "work" / stage / name).stat().st_mtime_ns for stage, name in files.items()}
+
+    first = mtimes()
     assert run_main([f"--out={out}", *TINY]) == 0
-    assert (out / "work" / "instruct" / "metaquery.safetensors").stat().st_mtime_ns == stamp
+    assert mtimes() == first
+
+    # a changed setting redoes its stage and those after it, and nothing before
+    assert run_main([f"--out={out}", *TINY, "--instruct_steps=3"]) == 0
+    second = mtimes()
+    assert [second[k] == first[k] for k in first] == [True, True, True, False]
+    assert json.loads((out / "work" / "instruct" / STAMP).read_text())["instruct_steps"] == 3
+
+    # a stage folder an older toy job left (no settings stamp) is redone, not trusted; the next stage is kept only
+    # if its input came out byte-identical (training on a CPU is usually, not always, bit-reproducible)
+    work = out / "work"
+    (work / "pretrain" / STAMP).unlink()
+    assert run_main([f"--out={out}", *TINY, "--instruct_steps=3"]) == 0
+    third = mtimes()
+    assert [third[k] == second[k] for k in first][:3] == [True, True, False]
+    instruct_inputs = json.loads((work / "instruct" / STAMP).read_text())
+    assert instruct_inputs["input pretrain/metaquery.safetensors"] == digest(
+        work / "pretrain" / "metaquery.safetensors"
+    )
+
+    # an earlier stage's output that changed (here: replaced by another checkpoint) redoes the stages after it
+    shutil.copy2(work / "instruct" / "metaquery.safetensors", work / "pretrain" / "metaquery.safetensors")
+    before = mtimes()
+    assert run_main([f"--out={out}", *TINY, "--instruct_steps=3"]) == 0
+    assert [mtimes()[k] == before[k] for k in first] == [True, True, True, False]
 
 
 def test_unknown_toy_option_is_refused(tmp_path, capsys):
