@@ -61,8 +61,10 @@ class DataSection:
     latent_cache_dir: str | None = None  # None: OUTPUT_DIR/latent_cache; a shared folder lets runs reuse one cache
 
     def __post_init__(self) -> None:
-        shares = {"toyworld_subject_fraction": self.toyworld_subject_fraction}
-        shares["toyworld_caption_fraction"] = self.toyworld_caption_fraction
+        shares = {
+            "toyworld_subject_fraction": self.toyworld_subject_fraction,
+            "toyworld_caption_fraction": self.toyworld_caption_fraction,
+        }
         if any(not 0.0 <= v <= 1.0 for v in shares.values()) or sum(shares.values()) > 1.0:
             raise ValueError(f"data.{' + '.join(shares)} must be shares in [0, 1] adding up to at most 1, got {shares}")
 

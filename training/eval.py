@@ -66,8 +66,11 @@ def evaluate(
     seed: int = 0,
     batch: int = 64,
     grid_path: Path | None = None,
+    understanding: dict[str, dict] | None = None,
 ) -> dict:
-    """Scores per task, seen vs held-out. Edits and subject pairs use half held-out, half seen sources."""
+    """Scores per task, seen vs held-out. Edits and subject pairs use half held-out, half seen sources.
+
+    `understanding`: `understanding_accuracy` results per split when the caller already has them (else computed)."""
     kw = {"steps": steps, "guidance": guidance, "seed": seed}
     size = world.size
     scores: dict = {}
@@ -92,9 +95,9 @@ def evaluate(
     )
     heldout = [i < n_subject // 2 for i in range(len(subj))]
     scores["subject"] = _score("subject", outs, [s.target_scene for s in subj], heldout, score_subject)
-    scores["understanding"] = {
-        split: understanding_accuracy(mllm, world, split, n_qa)["accuracy"] for split in ("eval_seen", "eval_heldout")
-    }
+    splits = ("eval_seen", "eval_heldout")
+    understanding = understanding or {split: understanding_accuracy(mllm, world, split, n_qa) for split in splits}
+    scores["understanding"] = {split: understanding[split]["accuracy"] for split in splits}
     if grid_path is not None:
         grid_path.parent.mkdir(parents=True, exist_ok=True)
         canvas = grid(shown)

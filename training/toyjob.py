@@ -105,16 +105,27 @@ def mllm_size(cfg: ToyJobConfig) -> TinySize:
     )
 
 
-# What each stage's output depends on: its own settings and every earlier stage's. A stage is reused only when its
-# folder was made with the same values; otherwise it is redone (and so is every stage after it).
-_TEACH = ("seed", "image_size", "mllm_width", "mllm_layers", "teach_steps", "teach_batch", "teach_lr")
-_DECODER = ("decoder_layers", "decoder_heads", "decoder_head_dim", "decoder_patch", "decoder_pos_embed")
-_HEAD = ("num_queries", "queries_init_text", "connector_depth", "batch_size", "lr", "queries_lr", "decoder_lr")
+# What each stage's output depends on: its own settings, plus (for the training stages) the bytes of the earlier
+# outputs it reads, which `claim_stage` compares by digest. A stage is reused only when both are unchanged; otherwise
+# it is redone, and so is every stage after it (their inputs change).
+_TRAIN = (
+    *("seed", "image_size", "num_queries", "queries_init_text", "connector_depth"),
+    *("batch_size", "lr", "queries_lr", "decoder_lr"),
+)
 STAGE_SETTINGS = {
-    "mllm": _TEACH,
-    "decoder_init": ("seed", "image_size", "mllm_width", *_DECODER),
-    "pretrain": (*_TEACH, *_DECODER, *_HEAD, "pretrain_steps", "head_hold"),
-    "instruct": (*_TEACH, *_DECODER, *_HEAD, "pretrain_steps", "head_hold", "instruct_steps", "instruct_captions"),
+    "mllm": ("seed", "image_size", "mllm_width", "mllm_layers", "teach_steps", "teach_batch", "teach_lr"),
+    "decoder_init": (
+        "seed",
+        "image_size",
+        "mllm_width",
+        "decoder_layers",
+        "decoder_heads",
+        "decoder_head_dim",
+        "decoder_patch",
+        "decoder_pos_embed",
+    ),
+    "pretrain": (*_TRAIN, "pretrain_steps", "head_hold"),
+    "instruct": (*_TRAIN, "instruct_steps", "instruct_captions"),
 }
 STAMP = "toyjob_stage.json"
 
@@ -271,6 +282,8 @@ def stage_score(cfg: ToyJobConfig, out: Path, models: Path, world: ToyWorld, tea
 
     mllm, head, decoder = load_exported(models)
     guidance = Guidance(scale=cfg.guidance, image_scale=cfg.image_guidance)
+    # the frozen MLLM must answer exactly as it did right after teaching, sample by sample
+    after = {split: understanding_accuracy(mllm, world, split, cfg.eval_questions) for split in SPLITS}
     scores = evaluate(
         mllm,
         head,
@@ -284,9 +297,8 @@ def stage_score(cfg: ToyJobConfig, out: Path, models: Path, world: ToyWorld, tea
         guidance=guidance,
         seed=cfg.seed,
         grid_path=out / "samples.png",
+        understanding=after,
     )
-    # the frozen MLLM must answer exactly as it did right after teaching, sample by sample
-    after = {split: understanding_accuracy(mllm, world, split, cfg.eval_questions) for split in SPLITS}
     scores["understanding_before"] = {k: teach_record[k]["accuracy"] for k in SPLITS}
     scores["understanding_unchanged"] = all(teach_record[k]["answers"] == after[k]["answers"] for k in SPLITS)
     return scores

@@ -50,6 +50,19 @@ def _loaders(g: Graph, *, checkpoint: str = CHECKPOINT_NAME, decoder: bool = Tru
     return mllm, ckpt, dec
 
 
+_PROMPTS = (("positive", "a red circle on the left", 40), ("negative", "", 380))  # (key, prompt, y)
+
+
+def _conditioning(g: Graph, mllm: dict, ckpt: dict, key: str, prompt: str, y: int) -> dict:
+    """MetaQuery Encode -> MetaQuery Connector for one prompt; returns the connector node."""
+    enc = g.add("MetaQueries_Encode", (420, y), title=f"MetaQuery Encode ({key})", prompt=prompt)
+    g.connect(mllm, "mllm", enc, "mllm")
+    g.connect(ckpt, "checkpoint", enc, "checkpoint")
+    conn = g.add("MetaQueries_Connector", (780, y + 60))
+    g.connect(enc, "query_states", conn, "query_states")
+    return conn
+
+
 def _sample(g: Graph, dec: dict, pos: tuple[int, int], **values) -> dict:
     # the toy-world models' own sampling settings (32 px images, 20 DPM++ steps, guidance 3.0 / 1.5)
     kw = dict(width=32, height=32, steps=20, guidance=3.0, image_guidance=1.5, seed=0, scheduler="dpmpp_2m")
@@ -64,14 +77,7 @@ def text_to_image_sana() -> Graph:
     g = Graph()
     _note(g, "Text to image with a Sana decoder.\n\n" + _MODELS.format(checkpoint=CHECKPOINT_NAME) + _SANA + _TOY)
     mllm, ckpt, dec = _loaders(g)
-    prompts = {}
-    for key, text, y in (("positive", "a red circle on the left", 40), ("negative", "", 380)):
-        enc = g.add("MetaQueries_Encode", (420, y), title=f"MetaQuery Encode ({key})", prompt=text)
-        g.connect(mllm, "mllm", enc, "mllm")
-        g.connect(ckpt, "checkpoint", enc, "checkpoint")
-        conn = g.add("MetaQueries_Connector", (780, y + 60))
-        g.connect(enc, "query_states", conn, "query_states")
-        prompts[key] = conn
+    prompts = {key: _conditioning(g, mllm, ckpt, key, text, y) for key, text, y in _PROMPTS}
     sample = _sample(g, dec, (1100, 200))
     for key, conn in prompts.items():
         g.connect(conn, "conditioning", sample, key)
@@ -126,13 +132,8 @@ def sd15_core_ksampler() -> Graph:
     sampler = g.add(
         "KSampler", (1120, 200), seed=0, steps=20, cfg=3.0, sampler_name="euler", scheduler="normal", denoise=1.0
     )
-    for key, prompt, y in (("positive", "a red circle on the left", 40), ("negative", "", 380)):
-        enc = g.add("MetaQueries_Encode", (420, y), title=f"MetaQuery Encode ({key})", prompt=prompt)
-        g.connect(mllm, "mllm", enc, "mllm")
-        g.connect(ckpt, "checkpoint", enc, "checkpoint")
-        conn = g.add("MetaQueries_Connector", (780, y + 60))
-        g.connect(enc, "query_states", conn, "query_states")
-        g.connect(conn, "conditioning", sampler, key)
+    for key, text, y in _PROMPTS:
+        g.connect(_conditioning(g, mllm, ckpt, key, text, y), "conditioning", sampler, key)
     g.connect(sd, "MODEL", sampler, "model")
     g.connect(latent, "LATENT", sampler, "latent_image")
     decode = g.add("VAEDecode", (1460, 200), box=200)
