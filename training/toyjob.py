@@ -1,7 +1,8 @@
 """The embedded default job: `python -m training.run` with no config.
 
 Chain (each stage reuses its output when it is already there): build the world, teach a tiny Qwen2.5-VL-class MLLM
-to understand it and freeze it, pretrain queries + connector + a tiny pixel-space Sana-class decoder on captions,
+to understand it and freeze it, train a tiny DC-AE on its images, pretrain queries + connector + a tiny Sana-class
+decoder (on the DC-AE's latents; `--decoder_space=pixel` denoises RGB instead) on captions,
 instruction-tune on edits and subject pairs, export a ComfyUI `models/` folder, score (GenEval-style) and write a
 sample grid. Override any field with `--key=value` (e.g. `--out=/tmp/toy --pretrain_steps=300`).
 """
@@ -15,6 +16,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -58,17 +60,23 @@ class ToyJobConfig:
     # (single-object all-correct 0.08 -> 0.28 at patch 4, benchmarks/TOYWORLD.md)
     queries_init_text: str | None = "a red circle on the left"
     connector_depth: int = 2
-    # the decoder (pixel-space Sana class)
+    # the decoder (Sana class). "latent": a DC-AE trained on the world's images first (factor 4: 8x8 latents at
+    # 32x32, 64 tokens at patch 1, a third of the step time of "pixel" at patch 2, benchmarks/TOYWORLD.md).
+    # "pixel": RGB directly (use patch 2: 256 tokens; patch 4 drew blobs, shape 0.42 even from oracle tokens)
+    decoder_space: Literal["latent", "pixel"] = "latent"
+    ae_channels: tuple[int, ...] = (16, 32, 64)
+    ae_latent_channels: int = 8
+    ae_steps: int = 600  # ~1 minute; reconstructions score 0.99 / 0.98 (all attributes, seen / held-out)
     decoder_layers: int = 4
     decoder_heads: int = 4
     decoder_head_dim: int = 32
-    decoder_patch: int = 2  # 256 tokens at 32x32; patch 4 (4x cheaper) drew blobs: shape 0.42 even from oracle tokens
+    decoder_patch: int = 1
     # sin-cos position embeddings: released Sana has none (its 3x3 convs give position), which at 8-16 tokens a side
     # left position at chance even with oracle conditioning (0.14 -> 1.0 with them)
     decoder_pos_embed: bool = True
     # generation training
     batch_size: int = 16
-    pretrain_steps: int = 1300  # ~2.7-3 steps/s on 2 idle cores: the whole job takes 13-14 minutes
+    pretrain_steps: int = 3000  # ~6 steps/s on 2 idle cores (latent decoder): the whole job takes ~12 minutes
     instruct_steps: int = 250
     instruct_captions: float = 0.3  # share of plain captions in the instruct stage: keeps text-to-image
     # pretrain: queries + connector hold still for this fraction of the steps while the fresh decoder learns to read
@@ -114,10 +122,12 @@ _TRAIN = (
 )
 STAGE_SETTINGS = {
     "mllm": ("seed", "image_size", "mllm_width", "mllm_layers", "teach_steps", "teach_batch", "teach_lr"),
+    "autoencoder": ("seed", "image_size", "ae_channels", "ae_latent_channels", "ae_steps"),
     "decoder_init": (
         "seed",
         "image_size",
         "mllm_width",
+        "decoder_space",
         "decoder_layers",
         "decoder_heads",
         "decoder_head_dim",
@@ -149,6 +159,7 @@ def claim_stage(cfg: ToyJobConfig, folder: Path, inputs: tuple[Path, ...] = ()) 
     and False is returned."""
     want = {k: getattr(cfg, k) for k in STAGE_SETTINGS[folder.name]}
     want.update({f"input {p.parent.name}/{p.name}": digest(p) for p in inputs})
+    want = json.loads(json.dumps(want))  # as the stamp reads back (tuples are lists there)
     stamp = folder / STAMP
     had = json.loads(stamp.read_text()) if stamp.is_file() else None
     if had == want and not cfg.force:
@@ -182,6 +193,52 @@ def stage_teach(cfg: ToyJobConfig, work: Path, world: ToyWorld) -> Path:
         "teach: understanding accuracy seen %.3f, held-out %.3f",
         acc["eval_seen"]["accuracy"],
         acc["eval_heldout"]["accuracy"],
+    )
+    return folder
+
+
+def stage_autoencoder(cfg: ToyJobConfig, work: Path, world: ToyWorld) -> Path:
+    from .toy.autoencoder import AutoencoderConfig, reconstruction_accuracy, train_autoencoder
+
+    folder = work / "autoencoder"
+    if claim_stage(cfg, folder) and (folder / "autoencoder.json").is_file():
+        log.info("autoencoder: reusing %s", folder)
+        return folder
+    t0 = time.perf_counter()
+    ae_cfg = AutoencoderConfig(
+        channels=cfg.ae_channels, latent_channels=cfg.ae_latent_channels, steps=cfg.ae_steps, seed=cfg.seed
+    )
+    ae, losses = train_autoencoder(world, ae_cfg)
+    ae.save_pretrained(folder)
+    acc = {split: reconstruction_accuracy(ae, world, split) for split in SPLITS}
+    record = {"seconds": time.perf_counter() - t0, "loss_first": losses[0], "loss_last": losses[-1], **acc}
+    (folder / "autoencoder.json").write_text(json.dumps(record, indent=2))
+    log.info("autoencoder: reconstructions score seen %.3f, held-out %.3f", acc["eval_seen"], acc["eval_heldout"])
+    return folder
+
+
+def stage_decoder_init(cfg: ToyJobConfig, work: Path, world: ToyWorld) -> Path:
+    """The untrained decoder folder: a Sana-class transformer over the trained DC-AE's latents, or over pixels."""
+    from diffusers import AutoencoderDC
+
+    ae = stage_autoencoder(cfg, work, world) if cfg.decoder_space == "latent" else None
+    folder = work / "decoder_init"
+    if claim_stage(cfg, folder, (ae,) if ae else ()) and (folder / "model_index.json").is_file():
+        return folder
+    vae = AutoencoderDC.from_pretrained(ae) if ae else None
+    factor = 2 ** (len(cfg.ae_channels) - 1) if ae else 1
+    write_tiny_sana(
+        folder,
+        caption_channels=cfg.mllm_width,
+        sample_size=cfg.image_size // factor,
+        num_layers=cfg.decoder_layers,
+        num_attention_heads=cfg.decoder_heads,
+        attention_head_dim=cfg.decoder_head_dim,
+        patch_size=cfg.decoder_patch,
+        pixel_space=vae is None,
+        vae=vae,
+        interpolation_scale=1.0 if cfg.decoder_pos_embed else None,
+        seed=cfg.seed,
     )
     return folder
 
@@ -318,20 +375,7 @@ def run_toy_job(argv: list[str]) -> int:
     t0 = time.perf_counter()
     world = ToyWorld(size=cfg.image_size, seed=cfg.seed)
     mllm = stage_teach(cfg, work, world)
-    decoder_init = work / "decoder_init"
-    if not (claim_stage(cfg, decoder_init) and (decoder_init / "model_index.json").is_file()):
-        write_tiny_sana(
-            decoder_init,
-            caption_channels=cfg.mllm_width,
-            sample_size=cfg.image_size,
-            num_layers=cfg.decoder_layers,
-            num_attention_heads=cfg.decoder_heads,
-            attention_head_dim=cfg.decoder_head_dim,
-            patch_size=cfg.decoder_patch,
-            pixel_space=True,
-            interpolation_scale=1.0 if cfg.decoder_pos_embed else None,
-            seed=cfg.seed,
-        )
+    decoder_init = stage_decoder_init(cfg, work, world)
     pre = stage_train(cfg, work, "pretrain", mllm, decoder_init, None)
     final = stage_train(cfg, work, "instruct", mllm, decoder_init, pre) if cfg.instruct_steps else pre
     stage_export(cfg, models, mllm, decoder_init, final)

@@ -60,16 +60,22 @@ def write_tiny_sana(
     seed: int = 0,
     pixel_space: bool = False,
     interpolation_scale: float | None = None,
+    vae: AutoencoderDC | None = None,
 ) -> Path:
     """Write a tiny Sana decoder (``SanaTransformer2DModel`` + ``AutoencoderDC`` + Sana's DPM++ flow scheduler config).
 
     The DC-AE downsamples by ``2 ** (len(vae_block_out_channels) - 1)``; images must be multiples of that times
     ``patch_size``. With ``pixel_space`` there is no DC-AE: the transformer denoises RGB (3 channels) directly.
     ``interpolation_scale`` turns on sin-cos position embeddings (released Sana has none and gets position from its
-    3x3 convolutions, too weak at a few tokens a side). Returns the folder."""
+    3x3 convolutions, too weak at a few tokens a side). ``vae`` saves that (trained) DC-AE instead of a random one:
+    ``latent_channels`` and ``vae_block_out_channels`` are then read from it. Returns the folder."""
     root = Path(folder)
+    if pixel_space and vae is not None:
+        raise ValueError("pixel_space=True has no autoencoder; pass vae=None or pixel_space=False")
     if pixel_space:
         latent_channels = 3
+    if vae is not None:
+        latent_channels = vae.config.latent_channels
     inner = num_attention_heads * attention_head_dim
     transformer = _build(
         seed,
@@ -90,8 +96,8 @@ def write_tiny_sana(
     )
     n = len(vae_block_out_channels)
     vae = (
-        None
-        if pixel_space
+        vae
+        if vae is not None or pixel_space
         else _build(
             seed + 1,
             lambda: AutoencoderDC(

@@ -20,7 +20,10 @@ TINY = [
     "--decoder_layers=1",
     "--decoder_heads=2",
     "--decoder_head_dim=8",
-    "--decoder_patch=4",
+    "--ae_channels=[4,8]",
+    "--ae_latent_channels=4",
+    "--ae_steps=3",
+    "--decoder_patch=2",
     "--head_hold=0.5",
     "--batch_size=4",
     "--pretrain_steps=3",
@@ -51,7 +54,8 @@ def test_short_chain_exports_models_scores_and_reuses_stages(tmp_path):
 
     # a second run reuses every stage: nothing is rewritten
     def mtimes() -> dict[str, int]:
-        files = {"mllm": "model.safetensors", "decoder_init": "model_index.json"}
+        files = {"mllm": "model.safetensors", "autoencoder": "diffusion_pytorch_model.safetensors"}
+        files.update(decoder_init="model_index.json")
         files.update(pretrain="metaquery.safetensors", instruct="metaquery.safetensors")
         return {stage: (out / "work" / stage / name).stat().st_mtime_ns for stage, name in files.items()}
 
@@ -62,7 +66,7 @@ def test_short_chain_exports_models_scores_and_reuses_stages(tmp_path):
     # a changed setting redoes its stage and those after it, and nothing before
     assert run_main([f"--out={out}", *TINY, "--instruct_steps=3"]) == 0
     second = mtimes()
-    assert [second[k] == first[k] for k in first] == [True, True, True, False]
+    assert [second[k] == first[k] for k in first] == [True, True, True, True, False]
     assert json.loads((out / "work" / "instruct" / STAMP).read_text())["instruct_steps"] == 3
 
     # a stage folder an older toy job left (no settings stamp) is redone, not trusted; the next stage is kept only
@@ -71,7 +75,7 @@ def test_short_chain_exports_models_scores_and_reuses_stages(tmp_path):
     (work / "pretrain" / STAMP).unlink()
     assert run_main([f"--out={out}", *TINY, "--instruct_steps=3"]) == 0
     third = mtimes()
-    assert [third[k] == second[k] for k in first][:3] == [True, True, False]
+    assert [third[k] == second[k] for k in first][:4] == [True, True, True, False]
     instruct_inputs = json.loads((work / "instruct" / STAMP).read_text())
     assert instruct_inputs["input pretrain/metaquery.safetensors"] == digest(
         work / "pretrain" / "metaquery.safetensors"
@@ -81,7 +85,7 @@ def test_short_chain_exports_models_scores_and_reuses_stages(tmp_path):
     shutil.copy2(work / "instruct" / "metaquery.safetensors", work / "pretrain" / "metaquery.safetensors")
     before = mtimes()
     assert run_main([f"--out={out}", *TINY, "--instruct_steps=3"]) == 0
-    assert [mtimes()[k] == before[k] for k in first] == [True, True, True, False]
+    assert [mtimes()[k] == before[k] for k in first] == [True, True, True, True, False]
 
 
 def test_unknown_toy_option_is_refused(tmp_path, capsys):
