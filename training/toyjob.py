@@ -50,6 +50,7 @@ class ToyJobConfig:
     mllm_width: int = 128
     mllm_layers: int = 4
     teach_steps: int = 600
+    teach_restate_first: int = 200  # text-only steps first, or "right" is restated as "left" (toy/teach.py)
     teach_batch: int = 32
     teach_lr: float = 1e-3
     # the MetaQuery head
@@ -62,7 +63,7 @@ class ToyJobConfig:
     connector_depth: int = 2
     # the decoder (Sana class). "latent": a DC-AE trained on the world's images first (factor 4: 8x8 latents at
     # 32x32, 64 tokens at patch 1, a third of the step time of "pixel" at patch 2, benchmarks/TOYWORLD.md).
-    # "pixel": RGB directly (use patch 2: 256 tokens; patch 4 drew blobs, shape 0.42 even from oracle tokens)
+    # "pixel": RGB directly (patch 2: 256 tokens; patch 4 drew blobs, shape 0.42 even from oracle tokens)
     decoder_space: Literal["latent", "pixel"] = "latent"
     ae_channels: tuple[int, ...] = (16, 32, 64)
     ae_latent_channels: int = 8
@@ -70,7 +71,7 @@ class ToyJobConfig:
     decoder_layers: int = 4
     decoder_heads: int = 4
     decoder_head_dim: int = 32
-    decoder_patch: int = 1
+    decoder_patch: int | None = None  # None: 1 on latents, 2 on pixels
     # sin-cos position embeddings: released Sana has none (its 3x3 convs give position), which at 8-16 tokens a side
     # left position at chance even with oracle conditioning (0.14 -> 1.0 with them)
     decoder_pos_embed: bool = True
@@ -121,7 +122,10 @@ _TRAIN = (
     *("batch_size", "lr", "queries_lr", "decoder_lr"),
 )
 STAGE_SETTINGS = {
-    "mllm": ("seed", "image_size", "mllm_width", "mllm_layers", "teach_steps", "teach_batch", "teach_lr"),
+    "mllm": (
+        *("seed", "image_size", "mllm_width", "mllm_layers"),
+        *("teach_steps", "teach_restate_first", "teach_batch", "teach_lr"),
+    ),
     "autoencoder": ("seed", "image_size", "ae_channels", "ae_latent_channels", "ae_steps"),
     "decoder_init": (
         "seed",
@@ -182,9 +186,14 @@ def stage_teach(cfg: ToyJobConfig, work: Path, world: ToyWorld) -> Path:
     t0 = time.perf_counter()
     write_tiny_mllm("qwen2_5_vl", folder, size=mllm_size(cfg), texts=[*all_text(), SYSTEM_PROMPT], seed=cfg.seed)
     mllm = load_mllm(folder, system_prompt=SYSTEM_PROMPT)
-    losses = teach(
-        mllm, world, TeachConfig(steps=cfg.teach_steps, batch_size=cfg.teach_batch, lr=cfg.teach_lr, seed=cfg.seed)
+    teach_cfg = TeachConfig(
+        steps=cfg.teach_steps,
+        restate_first=cfg.teach_restate_first,
+        batch_size=cfg.teach_batch,
+        lr=cfg.teach_lr,
+        seed=cfg.seed,
     )
+    losses = teach(mllm, world, teach_cfg)
     mllm.model.save_pretrained(folder)
     acc = {split: understanding_accuracy(mllm, world, split, cfg.eval_questions) for split in SPLITS}
     record = {"seconds": time.perf_counter() - t0, "loss_first": losses[0], "loss_last": losses[-1], **acc}
@@ -234,7 +243,7 @@ def stage_decoder_init(cfg: ToyJobConfig, work: Path, world: ToyWorld) -> Path:
         num_layers=cfg.decoder_layers,
         num_attention_heads=cfg.decoder_heads,
         attention_head_dim=cfg.decoder_head_dim,
-        patch_size=cfg.decoder_patch,
+        patch_size=cfg.decoder_patch or (1 if vae else 2),
         pixel_space=vae is None,
         vae=vae,
         interpolation_scale=1.0 if cfg.decoder_pos_embed else None,

@@ -88,6 +88,15 @@ def test_short_chain_exports_models_scores_and_reuses_stages(tmp_path):
     assert [mtimes()[k] == before[k] for k in first] == [True, True, True, True, False]
 
 
+def test_pixel_space_decoder_has_no_autoencoder(tmp_path):
+    out = tmp_path / "toy"
+    assert run_main([f"--out={out}", *TINY, "--decoder_space=pixel", "--decoder_patch=4"]) == 0
+    decoder_dir = out / "models" / "diffusers" / DECODER_NAME
+    assert not (decoder_dir / "vae").exists() and not (out / "work" / "autoencoder").exists()
+    _, _, decoder = load_exported(out / "models")
+    assert decoder.latent_channels == 3 and decoder.patch_size == 4
+
+
 def test_unknown_toy_option_is_refused(tmp_path, capsys):
     assert run_main([f"--out={tmp_path}", "--pretrain_stepz=3"]) == 2
     assert "pretrain_stepz" in capsys.readouterr().out
