@@ -3,6 +3,8 @@ decoder folder that loads through the same path as real weights."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -55,6 +57,14 @@ def test_trained_autoencoder_becomes_the_decoder_folders_vae(trained, tmp_path):
         assert torch.equal(decoder.vae.state_dict()[name], p), name
     with pytest.raises(ValueError, match="pixel_space=True has no autoencoder"):
         write_tiny_sana(tmp_path / "bad", pixel_space=True, vae=ae)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 20])
+def test_any_step_count_trains(steps):
+    """Short runs (smoke tests, the README's quick check) must work: 20 steps once broke the LR schedule."""
+    cfg = AutoencoderConfig(channels=(4, 8), latent_channels=2, steps=steps, batch_size=2)
+    _, losses = train_autoencoder(ToyWorld(size=32, seed=0), cfg)
+    assert len(losses) == steps and all(math.isfinite(x) for x in losses)
 
 
 def test_bad_autoencoder_config_is_refused():

@@ -9,6 +9,7 @@ The autoencoder is trained once, on train-split images only, with an L1 + L2 rec
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,7 +78,10 @@ def train_autoencoder(world: ToyWorld, cfg: AutoencoderConfig) -> tuple[Autoenco
     its per-step losses."""
     ae = build_autoencoder(cfg).train()
     opt = torch.optim.AdamW(ae.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.steps, pct_start=0.05)
+    warmup = max(1, cfg.steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(  # linear warmup over 5% of the steps, then cosine to 0
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1.0 + math.cos(math.pi * s / cfg.steps))
+    )
     losses: list[float] = []
     bar = tqdm(range(cfg.steps), desc="train autoencoder")
     for step in bar:
