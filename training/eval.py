@@ -61,6 +61,7 @@ def evaluate(
     n_edit: int = 60,
     n_subject: int = 40,
     n_qa: int = 200,
+    samples_per_prompt: int = 1,
     steps: int = 20,
     guidance: Guidance = EVAL_GUIDANCE,
     seed: int = 0,
@@ -69,16 +70,26 @@ def evaluate(
     understanding: dict[str, dict] | None = None,
 ) -> dict:
     """Scores per task, seen vs held-out. Edits and subject pairs use half held-out, half seen sources.
+    Text-to-image prompts (single and two-object) get `samples_per_prompt` samples each, from seeds seed, seed + 1...
 
     `understanding`: `understanding_accuracy` results per split when the caller already has them (else computed)."""
+    if samples_per_prompt < 1:
+        raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
     kw = {"steps": steps, "guidance": guidance, "seed": seed}
     size = world.size
     scores: dict = {}
     shown: list[list[Image.Image]] = []
     for kind, n in (("single", None), ("two_object", n_two)):
         prompts = world.eval_prompts(kind, n)
-        outs = _generate_all(mllm, head, decoder, [p.prompt for p in prompts], None, size, kw, batch)
-        scores[kind] = _score(kind, outs, [p.scene for p in prompts], [p.heldout for p in prompts], score_image)
+        outs = [  # GenEval-style: several samples per prompt, sample i from seed + i
+            im
+            for i in range(samples_per_prompt)
+            for im in _generate_all(
+                mllm, head, decoder, [p.prompt for p in prompts], None, size, kw | {"seed": seed + i}, batch
+            )
+        ]
+        truths, heldout = [p.scene for p in prompts], [p.heldout for p in prompts]
+        scores[kind] = _score(kind, outs, truths * samples_per_prompt, heldout * samples_per_prompt, score_image)
         shown.append(outs[:8])
     edits = world.edit_samples("eval_heldout", n_edit // 2) + world.edit_samples("eval_seen", n_edit - n_edit // 2)
     outs = _generate_all(
@@ -111,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="scores JSON (default: MODELS/../scores.json)")
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--samples", type=int, default=4, help="samples per text-to-image prompt (GenEval: 4)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from .toyjob import load_exported
@@ -121,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         head,
         decoder,
         ToyWorld(size=args.size, seed=args.seed),
+        samples_per_prompt=args.samples,
         grid_path=(args.out or args.models.parent / "scores.json").with_suffix(".png"),
     )
     out = args.out or args.models.parent / "scores.json"

@@ -92,6 +92,7 @@ class ToyJobConfig:
     eval_edits: int = 60  # half from held-out, half from seen sources
     eval_subjects: int = 40
     eval_questions: int = 200  # understanding Q/A per split
+    eval_samples: int = 4  # samples per text-to-image prompt (GenEval's 4): 48 held-out single-object images, not 12
     eval_steps: int = 20
     guidance: float = 3.0
     image_guidance: float = 1.5
@@ -100,6 +101,8 @@ class ToyJobConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.head_hold < 1.0:
             raise ValueError(f"head_hold is a fraction of the pretrain steps in [0, 1), got {self.head_hold}")
+        if self.eval_samples < 1:
+            raise ValueError(f"eval_samples (samples per text-to-image prompt) must be >= 1, got {self.eval_samples}")
 
 
 def mllm_size(cfg: ToyJobConfig) -> TinySize:
@@ -360,6 +363,7 @@ def stage_score(cfg: ToyJobConfig, out: Path, models: Path, world: ToyWorld, tea
         n_edit=cfg.eval_edits,
         n_subject=cfg.eval_subjects,
         n_qa=cfg.eval_questions,
+        samples_per_prompt=cfg.eval_samples,
         steps=cfg.eval_steps,
         guidance=guidance,
         seed=cfg.seed,

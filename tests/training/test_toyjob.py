@@ -32,6 +32,7 @@ TINY = [
     "--eval_edits=4",
     "--eval_subjects=4",
     "--eval_questions=6",
+    "--eval_samples=2",
     "--eval_steps=2",
 ]
 
@@ -47,7 +48,8 @@ def test_short_chain_exports_models_scores_and_reuses_stages(tmp_path):
     scores = json.loads((out / "scores.json").read_text())
     for task in ("single", "two_object", "edit", "subject"):
         assert {"overall", "seen", "heldout"} <= set(scores[task])
-    assert scores["single"]["overall"]["n"] == 90 and scores["single"]["heldout"]["n"] == 12
+    assert scores["single"]["overall"]["n"] == 2 * 90 and scores["single"]["heldout"]["n"] == 2 * 12
+    assert scores["two_object"]["overall"]["n"] == 2 * 4
     assert scores["understanding_unchanged"] is True
     mllm, head, decoder = load_exported(models)
     assert not any(p.requires_grad for p in mllm.model.parameters())
@@ -95,6 +97,11 @@ def test_pixel_space_decoder_has_no_autoencoder(tmp_path):
     assert not (decoder_dir / "vae").exists() and not (out / "work" / "autoencoder").exists()
     _, _, decoder = load_exported(out / "models")
     assert decoder.latent_channels == 3 and decoder.patch_size == 4
+
+
+def test_bad_eval_samples_is_refused_before_any_work(tmp_path, capsys):
+    assert run_main([f"--out={tmp_path / 'toy'}", "--eval_samples=0"]) == 2
+    assert "eval_samples" in capsys.readouterr().out and not (tmp_path / "toy" / "work").exists()
 
 
 def test_unknown_toy_option_is_refused(tmp_path, capsys):
