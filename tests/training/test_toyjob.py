@@ -99,9 +99,10 @@ def test_pixel_space_decoder_has_no_autoencoder(tmp_path):
     assert decoder.latent_channels == 3 and decoder.patch_size == 4
 
 
-def test_bad_eval_samples_is_refused_before_any_work(tmp_path, capsys):
-    assert run_main([f"--out={tmp_path / 'toy'}", "--eval_samples=0"]) == 2
-    assert "eval_samples" in capsys.readouterr().out and not (tmp_path / "toy" / "work").exists()
+@pytest.mark.parametrize(("arg", "says"), [("--eval_samples=0", "eval_samples"), ("--ae_channels=[8]", "channels")])
+def test_bad_settings_are_refused_before_any_work(tmp_path, capsys, arg, says):
+    assert run_main([f"--out={tmp_path / 'toy'}", arg]) == 2
+    assert says in capsys.readouterr().out and not (tmp_path / "toy" / "work").exists()
 
 
 def test_unknown_toy_option_is_refused(tmp_path, capsys):
