@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from diffusers import AutoencoderDC
 
 from metaqueries_core.checkpoint import apply_decoder_state, load_checkpoint
 from metaqueries_core.decoders import load_decoder
@@ -192,6 +193,13 @@ def claim_stage(cfg: ToyJobConfig, folder: Path, inputs: tuple[Path, ...] = ()) 
     return False
 
 
+def write_record(path: Path, t0: float, losses: list[float], results: dict) -> None:
+    """A finished stage's record (its presence marks the stage done): seconds since `t0`, first and last loss, and
+    its per-split results."""
+    record = {"seconds": time.perf_counter() - t0, "loss_first": losses[0], "loss_last": losses[-1], **results}
+    path.write_text(json.dumps(record, indent=2))
+
+
 def stage_teach(cfg: ToyJobConfig, work: Path, world: ToyWorld) -> Path:
     folder = work / "mllm"
     if claim_stage(cfg, folder) and (folder / "understanding.json").is_file():
@@ -210,8 +218,7 @@ def stage_teach(cfg: ToyJobConfig, work: Path, world: ToyWorld) -> Path:
     losses = teach(mllm, world, teach_cfg)
     mllm.model.save_pretrained(folder)
     acc = {split: understanding_accuracy(mllm, world, split, cfg.eval_questions) for split in SPLITS}
-    record = {"seconds": time.perf_counter() - t0, "loss_first": losses[0], "loss_last": losses[-1], **acc}
-    (folder / "understanding.json").write_text(json.dumps(record, indent=2))
+    write_record(folder / "understanding.json", t0, losses, acc)
     log.info(
         "teach: understanding accuracy seen %.3f, held-out %.3f",
         acc["eval_seen"]["accuracy"],
@@ -221,7 +228,6 @@ def stage_teach(cfg: ToyJobConfig, work: Path, world: ToyWorld) -> Path:
 
 
 def stage_autoencoder(cfg: ToyJobConfig, work: Path, world: ToyWorld) -> Path:
-
     folder = work / "autoencoder"
     if claim_stage(cfg, folder) and (folder / "autoencoder.json").is_file():
         log.info("autoencoder: reusing %s", folder)
@@ -230,16 +236,13 @@ def stage_autoencoder(cfg: ToyJobConfig, work: Path, world: ToyWorld) -> Path:
     ae, losses = train_autoencoder(world, cfg.autoencoder_config())
     ae.save_pretrained(folder)
     acc = {split: reconstruction_accuracy(ae, world, split) for split in SPLITS}
-    record = {"seconds": time.perf_counter() - t0, "loss_first": losses[0], "loss_last": losses[-1], **acc}
-    (folder / "autoencoder.json").write_text(json.dumps(record, indent=2))
+    write_record(folder / "autoencoder.json", t0, losses, acc)
     log.info("autoencoder: reconstructions score seen %.3f, held-out %.3f", acc["eval_seen"], acc["eval_heldout"])
     return folder
 
 
 def stage_decoder_init(cfg: ToyJobConfig, work: Path, world: ToyWorld) -> Path:
     """The untrained decoder folder: a Sana-class transformer over the trained DC-AE's latents, or over pixels."""
-    from diffusers import AutoencoderDC
-
     ae = stage_autoencoder(cfg, work, world) if cfg.decoder_space == "latent" else None
     folder = work / "decoder_init"
     if claim_stage(cfg, folder, (ae,) if ae else ()) and (folder / "model_index.json").is_file():
