@@ -41,3 +41,37 @@ def test_restate_first_then_the_mix_then_frozen(tmp_path, monkeypatch):
 def test_bad_teach_config_is_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TeachConfig(**kwargs)
+
+
+def test_images_are_described_in_reading_order_and_captions_restated_in_their_own():
+    from metaqueries_core.toyworld import Obj, Scene, scene_to_text
+    from training.toy.teach import describe
+
+    red, blue = Obj("circle", "red", "right"), Obj("square", "blue", "left")
+    low = Obj("triangle", "green", "bottom")
+    # an image's description does not depend on the hidden order of its scene's objects
+    three = (red, low, blue)
+    assert (
+        describe(Scene(three))
+        == describe(Scene(three[::-1]))
+        == ("a blue square on the left and a red circle on the right and a green triangle at the bottom")
+    )
+    assert (
+        describe(Scene((red, blue), "relation", "right_of"))
+        == "a blue square on the left and a red circle on the right"
+    )
+    # restating keeps the caption's order: the query slots read the prompt through that copy
+    world = ToyWorld(size=32, seed=0)
+    for i in range(20):
+        prompt, images, want = teach_mod.example(world, "restate", i)
+        assert images == [] and want == scene_to_text(world.caption_sample("train", i).scene)
+
+
+def test_task_accuracy_is_exact_match_of_the_teaching_answers(monkeypatch, mllm_loader):
+    world, mllm = ToyWorld(size=32, seed=0), mllm_loader("qwen2_5_vl")
+    truth = [teach_mod.example(world, "restate", i, "eval_seen")[2] for i in range(4)]
+    answers = iter([truth[0], "wrong", truth[2], truth[3] + " extra"])
+    monkeypatch.setattr(
+        type(mllm), "generate_text", lambda self, prompts, images, **kw: [next(answers) for _ in prompts]
+    )
+    assert teach_mod.task_accuracy(mllm, world, "restate", "eval_seen", n=4, batch=2) == 0.5

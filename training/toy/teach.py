@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from metaqueries_core.mllm import MLLMAdapter
 from metaqueries_core.mllm.base import freeze, left_pad
 from metaqueries_core.toyworld import Scene, ToyWorld, scene_to_text
+from metaqueries_core.toyworld.world import POSITIONS
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +47,12 @@ class TeachConfig:
 
 
 def describe(scene: Scene) -> str:
-    """Every object with its colour, shape and position (what the image shows, not only what a caption claims)."""
-    return scene_to_text(Scene(scene.objects, "placed"))
+    """Every object with its colour, shape and position, in reading order (the order of POSITIONS: left, right, top,
+    bottom, center): what the image shows, not what a caption claims. An image does not show which object a caption
+    named first, so describing in the scene's order made the image tasks' answers a coin toss between orders.
+    Captions are restated in their own order: the query slots read the prompt through that copy (toyjob.py)."""
+    rank = {p: i for i, p in enumerate(POSITIONS)}
+    return scene_to_text(Scene(tuple(sorted(scene.objects, key=lambda o: rank[o.position])), "placed"))
 
 
 def example(world: ToyWorld, task: str, index: int, split: str = "train") -> tuple[str, list, str]:
@@ -125,6 +130,19 @@ def _train(
         if step % 10 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
     return losses
+
+
+@torch.no_grad()
+def task_accuracy(mllm: MLLMAdapter, world: ToyWorld, task: str, split: str, n: int = 60, batch: int = 30) -> float:
+    """Greedy exact-match accuracy of the MLLM on `n` examples of one teaching task (how well it reads images,
+    restates captions, applies edits), for measuring a teaching recipe."""
+    correct = 0
+    for start in range(0, n, batch):
+        examples = [example(world, task, i, split) for i in range(start, min(n, start + batch))]
+        images = [im for _, im, _ in examples] if any(im for _, im, _ in examples) else None
+        out = mllm.generate_text([p for p, _, _ in examples], images, max_new_tokens=40)
+        correct += sum(a == want for a, (_, _, want) in zip(out, examples))
+    return correct / n
 
 
 @torch.no_grad()
