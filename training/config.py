@@ -38,10 +38,15 @@ class ModelSection:
     decoder_mode: Literal["frozen", "full", "lora"] = "frozen"  # the MLLM is always frozen
     lora_rank: int = 16
     mllm_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # flow-matching decoders (Sana) only: noise levels s = shift(u) of uniform u during training, as Sana's sampler
+    # shifts them; 1.0 (the reference) trains all levels equally, 3.0 spends more steps where the layout is decided
+    train_shift: float = 1.0
 
     def __post_init__(self) -> None:
         if self.num_queries < 1:
             raise ValueError(f"model.num_queries must be >= 1, got {self.num_queries}")
+        if self.train_shift <= 0:
+            raise ValueError(f"model.train_shift must be > 0 (1.0 = uniform noise levels), got {self.train_shift}")
 
 
 @dataclass
@@ -57,6 +62,10 @@ class DataSection:
     toyworld_subject_fraction: float = 0.3  # instruct stage: share of subject-driven pairs
     # instruct stage: share of plain captions (no source image), so text-to-image is not forgotten (rest: edits)
     toyworld_caption_fraction: float = 0.0
+    # weights of the caption kinds (metaqueries_core.toyworld.world.CAPTION_KINDS: placed, placed_many, count,
+    # relation, pair), e.g. {relation: 2, placed: 1}; None: the world's natural mix (placed 2, count 1, relation 2,
+    # pair 1)
+    toyworld_caption_mix: dict[str, float] | None = None
     cache_latents: bool = False  # encode targets with the VAE once, before training (frozen VAE)
     latent_cache_dir: str | None = None  # None: OUTPUT_DIR/latent_cache; a shared folder lets runs reuse one cache
 
@@ -67,6 +76,18 @@ class DataSection:
         }
         if any(not 0.0 <= v <= 1.0 for v in shares.values()) or sum(shares.values()) > 1.0:
             raise ValueError(f"data.{' + '.join(shares)} must be shares in [0, 1] adding up to at most 1, got {shares}")
+        if self.toyworld_caption_mix is not None:
+            check_caption_mix(self.toyworld_caption_mix)
+
+
+def check_caption_mix(mix: dict[str, float]) -> None:
+    """Raise unless `mix` weighs known caption kinds with non-negative weights, not all zero."""
+    from metaqueries_core.toyworld.world import CAPTION_KINDS
+
+    if unknown := sorted(set(mix) - set(CAPTION_KINDS)):
+        raise ValueError(f"caption mix: unknown kinds {unknown}; expected some of {list(CAPTION_KINDS)}")
+    if any(w < 0 for w in mix.values()) or sum(mix.values()) <= 0:
+        raise ValueError(f"caption mix: weights must be >= 0 and not all 0, got {mix}")
 
 
 @dataclass

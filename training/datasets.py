@@ -18,12 +18,28 @@ class ToyWorldData(IndexedDataset):
     Held-out combinations never appear here (the world guarantees it for the train split)."""
 
     def __init__(
-        self, world: ToyWorld, stage: str, *, subject_fraction: float = 0.3, caption_fraction: float = 0.0, **kwargs
+        self,
+        world: ToyWorld,
+        stage: str,
+        *,
+        subject_fraction: float = 0.3,
+        caption_fraction: float = 0.0,
+        caption_mix: dict[str, float] | None = None,
+        **kwargs,
     ) -> None:
         super().__init__(f"toyworld(size={world.size}, seed={world.seed})", stage, shuffle=False, **kwargs)
         self.world = world
         self.subject_fraction = subject_fraction
         self.caption_fraction = caption_fraction
+        self.caption_mix = caption_mix
+
+    def _caption(self, row: int, rng: np.random.Generator):
+        """A train caption: of the world's natural mix, or of a kind drawn with the `caption_mix` weights."""
+        if self.caption_mix is None:
+            return self.world.caption_sample("train", row)
+        kinds, weights = zip(*self.caption_mix.items())
+        kind = kinds[rng.choice(len(kinds), p=np.asarray(weights) / sum(weights))]
+        return self.world.caption_sample("train", row, (kind,))
 
     @property
     def num_rows(self) -> int:
@@ -32,11 +48,11 @@ class ToyWorldData(IndexedDataset):
     def _load_row(self, row: int, rng: np.random.Generator) -> Sample:
         key = f"toy#{row}"
         if self.stage == "pretrain":
-            s = self.world.caption_sample("train", row)
+            s = self._caption(row, rng)
             return CaptionSample(s.image, s.caption, key)
         r = rng.random()
         if r < self.caption_fraction:  # text-to-image inside the instruct stage: no source image
-            c = self.world.caption_sample("train", row)
+            c = self._caption(row, rng)
             return InstructSample([], c.caption, c.image, key)
         if r < self.caption_fraction + self.subject_fraction:
             s = self.world.subject_sample("train", row, n_refs=int(rng.integers(1, 3)))
@@ -54,6 +70,7 @@ def open_training_data(cfg: RunConfig, *, rank: int, world_size: int) -> Indexed
             stage,
             subject_fraction=d.toyworld_subject_fraction,
             caption_fraction=d.toyworld_caption_fraction,
+            caption_mix=d.toyworld_caption_mix,
             seed=seed,
             rank=rank,
             world_size=world_size,

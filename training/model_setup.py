@@ -12,6 +12,7 @@ from safetensors import safe_open
 from metaqueries_core.checkpoint import apply_decoder_state, check_compatible, load_checkpoint
 from metaqueries_core.connector import ConnectorConfig
 from metaqueries_core.decoders import DecoderAdapter, load_decoder
+from metaqueries_core.decoders.sana import SanaAdapter
 from metaqueries_core.head import MetaQueryHead
 from metaqueries_core.mllm import MLLMAdapter, load_mllm
 
@@ -35,6 +36,13 @@ def load_models(cfg: ModelSection, device: torch.device) -> tuple[MLLMAdapter, D
             raise ValueError(f"model.{key} is empty: give the local folder of the {key.upper()} to train with")
     mllm = load_mllm(cfg.mllm, dtype=_dtype(cfg.mllm_dtype, device), device=device)
     decoder = load_decoder(cfg.decoder, dtype=torch.float32, device=device)
+    if cfg.train_shift != 1.0:
+        if not isinstance(decoder, SanaAdapter):
+            raise ValueError(
+                f"model.train_shift={cfg.train_shift} is for flow-matching decoders (sana); {cfg.decoder} is a "
+                f"{decoder.family} decoder: leave model.train_shift at 1.0"
+            )
+        decoder.train_shift = cfg.train_shift
     trainable = [n for n, p in mllm.model.named_parameters() if p.requires_grad]
     if trainable:  # the method's premise: the MLLM's understanding is untouched
         raise RuntimeError(f"the MLLM must be frozen, but {len(trainable)} parameters require grad: {trainable[:3]}")

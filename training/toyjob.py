@@ -29,7 +29,15 @@ from metaqueries_core.sampling import Guidance
 from metaqueries_core.tinykit import TinySize, write_tiny_mllm
 from metaqueries_core.toyworld import ToyWorld, all_text
 
-from .config import ConnectorSection, DataSection, ModelSection, OptimSection, RunConfig, TrainSection
+from .config import (
+    ConnectorSection,
+    DataSection,
+    ModelSection,
+    OptimSection,
+    RunConfig,
+    TrainSection,
+    check_caption_mix,
+)
 from .config_io import ConfigError, load_config, save_config
 from .toy.autoencoder import AutoencoderConfig, reconstruction_accuracy, train_autoencoder
 from .toy.teach import TeachConfig, teach, understanding_accuracy
@@ -61,7 +69,10 @@ class ToyJobConfig:
     # last-layer state at each slot predicts the answer's next word, so the slots read colour ("a" -> colour), shape
     # ("red" -> shape) and position ("the" -> position) from the prompt. All slots "a" carried colour only
     # (single-object all-correct 0.08 -> 0.28 at patch 4); a two-object answer, whose slots also read the second
-    # object, beat the single-object "a red circle on the left" (single 0.81 -> 0.90, two-object 0.07 -> 0.23 seen)
+    # object, beat the single-object "a red circle on the left" (single 0.81 -> 0.90, two-object 0.07 -> 0.23 seen).
+    # This works because the MLLM restates a caption in the caption's own words: taught to restate "a X to the right
+    # of a Y" as "a Y to the left of a X", the slot after "to the" always predicted "left" and single-object position
+    # fell from 0.99 to 0.64 (benchmarks/TOYWORLD.md, run R1)
     queries_init_text: str | None = "a red circle to the left of a blue square"
     connector_depth: int = 2
     # the decoder (Sana class). "latent": a DC-AE trained on the world's images first (factor 4: 8x8 latents at
@@ -82,6 +93,9 @@ class ToyJobConfig:
     batch_size: int = 16
     pretrain_steps: int = 3000  # ~6 steps/s on 2 idle cores (latent decoder): the whole job takes ~12 minutes
     instruct_steps: int = 250
+    # weights of the caption kinds in generation training (data.toyworld_caption_mix); None: the world's natural mix
+    caption_mix: dict[str, float] | None = None
+    train_shift: float = 1.0  # decoder training noise levels s = shift(u) (model.train_shift; 1.0: uniform)
     instruct_captions: float = 0.3  # share of plain captions in the instruct stage: keeps text-to-image
     # pretrain: queries + connector hold still for this fraction of the steps while the fresh decoder learns to read
     # them (single-object all-correct 0.14 -> 0.28 at patch 4)
@@ -107,6 +121,8 @@ class ToyJobConfig:
             raise ValueError(f"head_hold is a fraction of the pretrain steps in [0, 1), got {self.head_hold}")
         if self.eval_samples < 1:
             raise ValueError(f"eval_samples (samples per text-to-image prompt) must be >= 1, got {self.eval_samples}")
+        if self.caption_mix is not None:
+            check_caption_mix(self.caption_mix)
         if self.decoder_space == "latent":  # refused now, not after the MLLM has been taught
             self.autoencoder_config()
 
@@ -134,7 +150,7 @@ def mllm_size(cfg: ToyJobConfig) -> TinySize:
 # it is redone, and so is every stage after it (their inputs change).
 _TRAIN = (
     *("seed", "image_size", "num_queries", "queries_init_text", "connector_depth"),
-    *("batch_size", "lr", "queries_lr", "decoder_lr"),
+    *("batch_size", "lr", "queries_lr", "decoder_lr", "caption_mix", "train_shift"),
 )
 STAGE_SETTINGS = {
     "mllm": (
@@ -278,12 +294,14 @@ def run_config(cfg: ToyJobConfig, work: Path, stage: str, mllm: Path, decoder: P
             max_prompt_tokens=64,
             connector=ConnectorSection(depth=cfg.connector_depth, init_std=0.02),
             decoder_mode="full",
+            train_shift=cfg.train_shift,
         ),
         data=DataSection(
             kind="toyworld",
             toyworld_size=cfg.image_size,
             toyworld_seed=cfg.seed,
             toyworld_caption_fraction=cfg.instruct_captions,
+            toyworld_caption_mix=cfg.caption_mix,
         ),
         optim=OptimSection(
             lr=cfg.lr,

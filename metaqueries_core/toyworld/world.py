@@ -481,7 +481,10 @@ def _exhausted() -> RuntimeError:
     return RuntimeError("toy world rejection sampling found nothing: the held-out filter or the layout is broken")
 
 
-_CAPTION_LAYOUTS = ("placed", "placed", "count", "relation", "relation", "pair")
+# What a caption can describe: a scene layout, or "placed_many", a placed scene of 2-3 objects each claimed at its
+# region ("a red circle on the left and a blue square at the top"), the form of the scenes edits produce
+CAPTION_KINDS: tuple[str, ...] = (*LAYOUTS, "placed_many")
+CAPTION_LAYOUTS = ("placed", "placed", "count", "relation", "relation", "pair")  # the natural mix
 
 
 class ToyWorld:
@@ -511,10 +514,16 @@ class ToyWorld:
             return not any(s.contains_heldout() for s in scenes)
         return target.claims_heldout() if claimed else target.contains_heldout()
 
-    def caption_sample(self, split: str, index: int) -> CaptionSample:
+    def caption_sample(self, split: str, index: int, kinds: Sequence[str] = CAPTION_LAYOUTS) -> CaptionSample:
+        """Item `index` of a split's captions; its kind (`CAPTION_KINDS`) is drawn uniformly from `kinds` (repeats
+        weigh more)."""
+        if unknown := set(kinds) - set(CAPTION_KINDS):
+            raise ValueError(f"unknown caption kinds {sorted(unknown)}; expected some of {list(CAPTION_KINDS)}")
         rng = self._rng("caption", split, index)
         for _ in range(_MAX_TRIES):
-            scene = random_scene(_pick(_CAPTION_LAYOUTS, rng), rng)
+            kind = _pick(tuple(kinds), rng)
+            many = kind == "placed_many"
+            scene = random_scene("placed", rng, n=int(rng.integers(2, 4))) if many else random_scene(kind, rng)
             boxes = self._layout(scene, rng)
             if boxes is not None and self._accept(split, [scene], scene, claimed=False):
                 return CaptionSample(draw(scene, boxes, self.size), caption(scene, rng), scene, boxes)
@@ -523,7 +532,7 @@ class ToyWorld:
     def qa_sample(self, split: str, index: int) -> QASample:
         rng = self._rng("qa", split, index)
         for _ in range(_MAX_TRIES):
-            scene = random_scene(_pick(_CAPTION_LAYOUTS, rng), rng)
+            scene = random_scene(_pick(CAPTION_LAYOUTS, rng), rng)
             boxes = self._layout(scene, rng)
             if boxes is not None and self._accept(split, [scene], scene, claimed=False):
                 question, answer = _pick(questions(scene, rng), rng)

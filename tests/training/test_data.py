@@ -470,3 +470,48 @@ def test_toyworld_shares_are_checked():
         DataSection(toyworld_subject_fraction=0.6, toyworld_caption_fraction=0.5)
     with pytest.raises(ValueError, match="shares in"):
         DataSection(toyworld_caption_fraction=-0.1)
+
+
+def test_toyworld_caption_mix_weighs_the_caption_kinds():
+    from collections import Counter
+    from itertools import islice
+
+    from metaqueries_core.toyworld import ToyWorld
+    from training.config import DataSection
+    from training.datasets import ToyWorldData
+
+    world = ToyWorld(size=32, seed=0)
+
+    def rows(n: int, **kw) -> list[CaptionSample]:
+        return list(islice(ToyWorldData(world, "pretrain", seed=0, **kw).iter_from(0), n))
+
+    got = rows(80, caption_mix={"relation": 3.0, "placed_many": 1.0})
+    # each row is the world's caption of that row in the kind the mix drew
+    kinds = {}
+    for s in got:
+        row = int(s.key.split("#")[1])
+        matches = [
+            k for k in ("relation", "placed_many") if world.caption_sample("train", row, (k,)).caption == s.caption
+        ]
+        assert len(matches) == 1
+        kinds[s.key] = matches[0]
+    counts = Counter(kinds.values())
+    assert 45 <= counts["relation"] <= 75 and counts["placed_many"] >= 8
+    for s in got:
+        scene = world.caption_sample("train", int(s.key.split("#")[1]), (kinds[s.key],)).scene
+        if kinds[s.key] == "placed_many":  # 2-3 objects, every one claimed at its region
+            assert (
+                scene.layout == "placed"
+                and len(scene.objects) in (2, 3)
+                and s.caption.count(" and ") == len(scene.objects) - 1
+            )
+        else:
+            assert scene.layout == "relation"
+    # unset: the world's own natural mix, row by row
+    assert [s.caption for s in rows(10)] == [world.caption_sample("train", i).caption for i in range(10)]
+    with pytest.raises(ValueError, match="unknown caption kinds"):
+        world.caption_sample("train", 0, ("placed", "many"))
+    with pytest.raises(ValueError, match="unknown kinds"):
+        DataSection(toyworld_caption_mix={"relations": 1.0})
+    with pytest.raises(ValueError, match="not all 0"):
+        DataSection(toyworld_caption_mix={"relation": 0.0})

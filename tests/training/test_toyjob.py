@@ -99,7 +99,14 @@ def test_pixel_space_decoder_has_no_autoencoder(tmp_path):
     assert decoder.latent_channels == 3 and decoder.patch_size == 4
 
 
-@pytest.mark.parametrize(("arg", "says"), [("--eval_samples=0", "eval_samples"), ("--ae_channels=[8]", "channels")])
+@pytest.mark.parametrize(
+    ("arg", "says"),
+    [
+        ("--eval_samples=0", "eval_samples"),
+        ("--ae_channels=[8]", "channels"),
+        ("--caption_mix={relation: 1, two: 1}", "unknown kinds ['two']"),
+    ],
+)
 def test_bad_settings_are_refused_before_any_work(tmp_path, capsys, arg, says):
     assert run_main([f"--out={tmp_path / 'toy'}", arg]) == 2
     assert says in capsys.readouterr().out and not (tmp_path / "toy" / "work").exists()
