@@ -40,6 +40,7 @@ from .config import (
 )
 from .config_io import ConfigError, load_config, save_config
 from .toy.autoencoder import AutoencoderConfig, reconstruction_accuracy, train_autoencoder
+from .toy.probe import conditioning_probe
 from .toy.teach import TeachConfig, teach, understanding_accuracy
 
 log = logging.getLogger(__name__)
@@ -397,6 +398,9 @@ def stage_score(cfg: ToyJobConfig, out: Path, models: Path, world: ToyWorld, tea
         grid_path=out / "samples.png",
         understanding=after,
     )
+    # does the conditioning still carry each attribute? (tells a decoder-side failure from an MLLM-side one)
+    scores["conditioning_probe"] = conditioning_probe(mllm, head, world)
+    log.info("conditioning probe: %s", scores["conditioning_probe"])
     scores["understanding_before"] = {k: teach_record[k]["accuracy"] for k in SPLITS}
     scores["understanding_unchanged"] = all(teach_record[k]["answers"] == after[k]["answers"] for k in SPLITS)
     return scores
