@@ -3,7 +3,9 @@
 A ridge regression reads each attribute of a caption (colour, shape, position of one object; colour and shape of both
 objects and their relation for two-object captions) from the connector's output, fitted on train captions and scored
 on other train captions. Near 1.0: the MLLM, the queries and the connector carry the attribute, and a decoder that
-still draws it wrong is the limit; near chance: the conditioning already lost it (benchmarks/TOYWORLD.md).
+still draws it wrong is the limit; near chance: the conditioning already lost it (benchmarks/TOYWORLD.md). The taught
+toy MLLM's query states carry every attribute before generation training starts (a 30-step run reads 1.0 too), so
+this checks the MLLM side of a run; it does not measure what training added.
 """
 
 from __future__ import annotations
