@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from metaqueries_core.mllm import DEFAULT_SYSTEM_PROMPT
+from metaqueries_core.toyworld.world import CAPTION_KINDS
 
 
 @dataclass
@@ -82,8 +83,6 @@ class DataSection:
 
 def check_caption_mix(mix: dict[str, float]) -> None:
     """Raise unless `mix` weighs known caption kinds with non-negative weights, not all zero."""
-    from metaqueries_core.toyworld.world import CAPTION_KINDS
-
     if unknown := sorted(set(mix) - set(CAPTION_KINDS)):
         raise ValueError(f"caption mix: unknown kinds {unknown}; expected some of {list(CAPTION_KINDS)}")
     if any(w < 0 for w in mix.values()) or sum(mix.values()) <= 0:

@@ -66,9 +66,8 @@ def conditioning_probe(
         samples = [world.caption_sample("train", i, (layout,)) for i in range(n_fit + n_test)]
         x = _features(mllm, head, [s.caption for s in samples], batch)
         labels = [_attributes(kind, s) for s in samples]
-        out[kind] = {
-            name: round(ridge_accuracy(x[:n_fit], y[:n_fit], x[n_fit:], y[n_fit:]), 3)
-            for name in labels[0]
-            for y in [np.array([row[name] for row in labels])]
-        }
+        out[kind] = {}
+        for name in labels[0]:
+            y = np.array([row[name] for row in labels])  # (n_fit + n_test,) class indices
+            out[kind][name] = round(ridge_accuracy(x[:n_fit], y[:n_fit], x[n_fit:], y[n_fit:]), 3)
     return out

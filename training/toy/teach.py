@@ -133,27 +133,29 @@ def _train(
 
 
 @torch.no_grad()
-def task_accuracy(mllm: MLLMAdapter, world: ToyWorld, task: str, split: str, n: int = 60, batch: int = 30) -> float:
-    """Greedy exact-match accuracy of the MLLM on `n` examples of one teaching task (how well it reads images,
-    restates captions, applies edits), for measuring a teaching recipe."""
-    correct = 0
+def greedy_answers(
+    mllm: MLLMAdapter, world: ToyWorld, task: str, split: str, n: int, batch: int, max_new_tokens: int
+) -> tuple[list[str], list[str]]:
+    """The MLLM's greedy answers to the first `n` examples of a teaching task, and the answers it was taught."""
+    answers, wants = [], []
     for start in range(0, n, batch):
         examples = [example(world, task, i, split) for i in range(start, min(n, start + batch))]
         images = [im for _, im, _ in examples] if any(im for _, im, _ in examples) else None
-        out = mllm.generate_text([p for p, _, _ in examples], images, max_new_tokens=40)
-        correct += sum(a == want for a, (_, _, want) in zip(out, examples))
-    return correct / n
+        answers += mllm.generate_text([p for p, _, _ in examples], images, max_new_tokens=max_new_tokens)
+        wants += [want for _, _, want in examples]
+    return answers, wants
 
 
-@torch.no_grad()
+def task_accuracy(mllm: MLLMAdapter, world: ToyWorld, task: str, split: str, n: int = 60, batch: int = 30) -> float:
+    """Greedy exact-match accuracy of the MLLM on `n` examples of one teaching task (how well it reads images,
+    restates captions, applies edits), for measuring a teaching recipe."""
+    answers, wants = greedy_answers(mllm, world, task, split, n, batch, max_new_tokens=40)
+    return sum(a == w for a, w in zip(answers, wants)) / n
+
+
 def understanding_accuracy(mllm: MLLMAdapter, world: ToyWorld, split: str, n: int = 200, batch: int = 50) -> dict:
     """Exact-match accuracy of the MLLM's answers to toy-world questions (and the answers themselves, so two runs
     can be compared sample by sample)."""
-    answers, correct = [], 0
-    for start in range(0, n, batch):
-        samples = [world.qa_sample(split, i) for i in range(start, min(n, start + batch))]
-        out = mllm.generate_text([s.question for s in samples], [[s.image] for s in samples], max_new_tokens=4)
-        for s, a in zip(samples, out):
-            answers.append(a)
-            correct += a.strip() == s.answer
+    answers, wants = greedy_answers(mllm, world, "qa", split, n, batch, max_new_tokens=4)
+    correct = sum(a.strip() == w for a, w in zip(answers, wants))
     return {"accuracy": correct / n, "answers": answers}
