@@ -36,6 +36,10 @@ class ConnectorConfig:
     out_norm_scale: float = 1.0  # RMSNorm weight at init: sqrt(5.5) for Sana, 1 for SD1.5
     init_std: float = 0.014
     rope_theta: float = 10000.0
+    # > 0: a learned embedding per query slot added to the output. The decoder's cross-attention has no positions
+    # of its own, so without it the slot that says "red" for the first object and the one that says "blue" for the
+    # second look alike (binding colours to shapes); must equal the number of queries
+    num_slots: int = 0
 
     def __post_init__(self) -> None:
         if self.layer_style not in ("qwen2", "siglip"):
@@ -46,6 +50,8 @@ class ConnectorConfig:
             raise ValueError(f"pos_embed {self.pos_embed!r} not in ['none', 'rope']")
         if self.depth < 0:
             raise ValueError(f"depth must be >= 0, got {self.depth}")
+        if self.num_slots < 0:
+            raise ValueError(f"num_slots must be >= 0 (0: no slot embedding), got {self.num_slots}")
         if self.inner_width % self.num_heads:
             raise ValueError(f"encoder width {self.inner_width} is not divisible by {self.num_heads} heads")
 
@@ -152,6 +158,8 @@ class Connector(nn.Module):
             )
         else:
             self.proj = nn.Linear(w, cfg.out_width)
+        # (N, C) slot identities, the scale of the normed output (Sana: sqrt(5.5))
+        self.slot_embed = nn.Parameter(torch.empty(cfg.num_slots, cfg.out_width)) if cfg.num_slots else None
         self.gradient_checkpointing = False
         self.reset_parameters()
 
@@ -163,15 +171,22 @@ class Connector(nn.Module):
                     nn.init.zeros_(m.bias)
         if self.cfg.projection == "mlp_norm":
             nn.init.constant_(self.proj[-1].weight, self.cfg.out_norm_scale)
+        if self.slot_embed is not None:
+            nn.init.normal_(self.slot_embed, std=self.cfg.out_norm_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.slot_embed is not None and x.shape[1] != self.cfg.num_slots:
+            raise ValueError(
+                f"this connector has a slot embedding for {self.cfg.num_slots} queries, got {x.shape[1]} query states"
+            )
         x = self.in_proj(x)  # (B, N, W)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
             else:
                 x = layer(x)
-        return self.proj(self.norm(x))  # (B, N, C)
+        out = self.proj(self.norm(x))  # (B, N, C)
+        return out if self.slot_embed is None else out + self.slot_embed  # (B, N, C)
 
 
 SANA_OUT_NORM_SCALE = math.sqrt(5.5)

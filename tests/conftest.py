@@ -72,9 +72,15 @@ def make_head():
     from metaqueries_core.connector import ConnectorConfig
     from metaqueries_core.head import MetaQueryHead
 
-    def make(mllm, decoder, *, num_queries: int = 8, depth: int = 1, seed: int = 0):
+    def make(mllm, decoder, *, num_queries: int = 8, depth: int = 1, seed: int = 0, slot_embed: bool = False):
         torch.manual_seed(seed)
-        cfg = ConnectorConfig(in_width=mllm.width, out_width=decoder.text_width, depth=depth, init_std=0.05)
+        cfg = ConnectorConfig(
+            in_width=mllm.width,
+            out_width=decoder.text_width,
+            depth=depth,
+            init_std=0.05,
+            num_slots=num_queries if slot_embed else 0,
+        )
         return MetaQueryHead(num_queries=num_queries, connector=cfg)
 
     return make

@@ -22,6 +22,9 @@ class ConnectorSection:
     projection: Literal["mlp_norm", "linear"] = "mlp_norm"
     out_norm_scale: float | None = None  # None: sqrt(5.5) for Sana, 1.0 for SD1.5 (reference)
     init_std: float = 0.014
+    # a learned embedding per query slot on the output (metaqueries_core.connector.ConnectorConfig.num_slots): off
+    # in the reference; the toy world's two-object prompts need it to bind colours to shapes
+    slot_embed: bool = False
 
 
 @dataclass

@@ -84,6 +84,7 @@ def build_head(cfg: ModelSection, mllm: MLLMAdapter, decoder: DecoderAdapter) ->
         projection=c.projection,
         out_norm_scale=scale,
         init_std=c.init_std,
+        num_slots=cfg.num_queries if c.slot_embed else 0,
     )
     head = MetaQueryHead(
         num_queries=cfg.num_queries,

@@ -29,6 +29,17 @@ def test_round_trip_is_exact(saved):
     assert loaded.system_prompt == head.system_prompt and loaded.max_prompt_tokens == head.max_prompt_tokens
 
 
+def test_slot_embedding_round_trips(tmp_path, mllm_loader, decoder_loader, make_head):
+    mllm, decoder = mllm_loader("qwen2_5_vl"), decoder_loader("sana")
+    head = make_head(mllm, decoder, slot_embed=True)
+    config = ckpt.config_for(head, mllm=mllm, decoder=decoder, stage="pretrain")
+    _, loaded, _ = ckpt.load_checkpoint(ckpt.save_checkpoint(tmp_path / "slots.safetensors", head, config))
+    assert loaded.connector.cfg.num_slots == head.num_queries
+    torch.testing.assert_close(loaded.connector.slot_embed, head.connector.slot_embed, rtol=0, atol=0)
+    states = torch.randn(2, head.num_queries, mllm.width)
+    torch.testing.assert_close(loaded.connect(states)[0], head.connect(states)[0], rtol=0, atol=0)
+
+
 def test_file_layout_matches_the_design(saved):
     path, head, config = saved
     with safe_open(str(path), framework="pt") as f:

@@ -84,3 +84,25 @@ def test_gradient_checkpointing_gives_same_gradients():
     c(x).sum().backward()
     for a, p in zip(ref, c.parameters()):
         torch.testing.assert_close(p.grad, a)
+
+
+def test_slot_embedding_tells_identical_query_states_apart():
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, 64).expand(2, 4, 64)  # every slot holds the same state
+    plain = Connector(ConnectorConfig(in_width=64, out_width=16, depth=1, pos_embed="none"))
+    slots = Connector(ConnectorConfig(in_width=64, out_width=16, depth=1, pos_embed="none", num_slots=4))
+    assert torch.allclose(plain(x)[0, 0], plain(x)[0, 3], atol=1e-6)  # no positions: the decoder sees one token
+    out = slots(x)  # (2, 4, 16)
+    assert not torch.allclose(out[0, 0], out[0, 3], atol=1e-3)
+    torch.testing.assert_close(out[0], out[1])  # the same slots for every sample
+    assert slots.slot_embed.shape == (4, 16) and slots.slot_embed.requires_grad
+    out.sum().backward()
+    assert slots.slot_embed.grad is not None and slots.slot_embed.grad.abs().sum() > 0
+
+
+def test_slot_embedding_refuses_another_query_count():
+    c = Connector(ConnectorConfig(in_width=64, out_width=16, depth=1, num_slots=4))
+    with pytest.raises(ValueError, match="slot embedding for 4 queries, got 5"):
+        c(torch.randn(1, 5, 64))
+    with pytest.raises(ValueError, match="num_slots must be >= 0"):
+        ConnectorConfig(in_width=64, out_width=8, num_slots=-1)

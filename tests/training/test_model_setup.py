@@ -21,6 +21,14 @@ def test_queries_start_as_the_mllms_embeddings_of_a_text(mllm_loader, decoder_lo
     assert head.queries.queries.data_ptr() != emb.data_ptr()
 
 
+def test_slot_embed_gives_one_slot_per_query(mllm_loader, decoder_loader):
+    mllm, decoder = mllm_loader("qwen2_5_vl"), decoder_loader("sana")
+    on = build_head(ModelSection(num_queries=6, connector=ConnectorSection(depth=1, slot_embed=True)), mllm, decoder)
+    off = build_head(ModelSection(num_queries=6, connector=ConnectorSection(depth=1)), mllm, decoder)
+    assert on.connector.cfg.num_slots == 6 and on.connector.slot_embed.shape == (6, decoder.text_width)
+    assert off.connector.cfg.num_slots == 0 and off.connector.slot_embed is None
+
+
 def test_empty_init_text_is_refused(mllm_loader, decoder_loader):
     cfg = ModelSection(num_queries=4, queries_init_text="", connector=ConnectorSection(depth=1))
     with pytest.raises(ValueError, match="has no tokens"):
