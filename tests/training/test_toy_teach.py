@@ -36,6 +36,7 @@ def test_restate_first_then_the_mix_then_frozen(tmp_path, monkeypatch):
         ({"weights": (0.0,) * 5}, "not all 0"),
         ({"steps": 0}, "steps must be >= 1"),
         ({"restate_first": -1}, "restate_first >= 0"),
+        ({"answer_noise": 1.0}, r"answer_noise is a share of answer tokens in \[0, 1\)"),
     ],
 )
 def test_bad_teach_config_is_refused(kwargs, match):
@@ -75,3 +76,24 @@ def test_task_accuracy_is_exact_match_of_the_teaching_answers(monkeypatch, mllm_
         type(mllm), "generate_text", lambda self, prompts, images, **kw: [next(answers) for _ in prompts]
     )
     assert teach_mod.task_accuracy(mllm, world, "restate", "eval_seen", n=4, batch=2) == 0.5
+
+
+def test_answer_noise_shows_wrong_answer_tokens_and_keeps_the_labels(mllm_loader):
+    import numpy as np
+    import torch
+
+    world, mllm = ToyWorld(size=32, seed=0), mllm_loader("qwen2_5_vl")
+    examples = [teach_mod.example(world, "restate", i) for i in range(8)]
+    clean = teach_mod.lm_batch(mllm, examples)
+    noisy = teach_mod.lm_batch(mllm, examples, 0.5, np.random.default_rng(0))
+    again = teach_mod.lm_batch(mllm, examples, 0.5, np.random.default_rng(0))
+    assert torch.equal(noisy["labels"], clean["labels"])  # the model still learns the right answer
+    assert torch.equal(noisy["input_ids"], again["input_ids"])  # reproducible
+    answer = clean["labels"] != -100
+    changed = noisy["input_ids"] != clean["input_ids"]
+    assert not changed[~answer].any()  # prompts are never touched
+    assert 0.2 < changed[answer].float().mean() < 0.5  # ~half drawn, some draws hit the same token
+    pool = set(clean["labels"][answer].tolist())
+    assert set(noisy["input_ids"][answer].tolist()) <= pool  # wrong tokens are answer words of the batch
+    with pytest.raises(ValueError, match="answer_noise needs an rng"):
+        teach_mod.lm_batch(mllm, examples, 0.5)

@@ -37,11 +37,17 @@ class TeachConfig:
     # learnt inside the mix from the start, the model never told left from right or top from bottom (it restated
     # every "right" as "left": the image tasks' position signal arrives late and blurs it)
     restate_first: int = 0
+    # share of answer tokens the model is shown wrong (replaced by another answer token of the batch) while it still
+    # learns to predict the right next ones: it learns to answer from the prompt and its place in the answer rather
+    # than from its own previous words. The query slots are such a wrong answer (fixed tokens after every prompt)
+    answer_noise: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
         if len(self.weights) != len(TASKS) or min(self.weights) < 0 or sum(self.weights) <= 0:
             raise ValueError(f"weights: one non-negative weight per task {list(TASKS)}, not all 0; got {self.weights}")
+        if not 0.0 <= self.answer_noise < 1.0:
+            raise ValueError(f"answer_noise is a share of answer tokens in [0, 1), got {self.answer_noise}")
         if self.steps < 1 or self.restate_first < 0:
             raise ValueError(f"steps must be >= 1 and restate_first >= 0, got {self.steps} and {self.restate_first}")
 
@@ -75,8 +81,15 @@ def example(world: ToyWorld, task: str, index: int, split: str = "train") -> tup
     raise ValueError(f"unknown teaching task {task!r}; known: {list(TASKS)}")
 
 
-def lm_batch(mllm: MLLMAdapter, examples: list[tuple[str, list, str]]) -> dict:
-    """Left-padded prompt + answer + end-of-turn tokens, with labels only on the answer and end-of-turn."""
+def lm_batch(
+    mllm: MLLMAdapter,
+    examples: list[tuple[str, list, str]],
+    answer_noise: float = 0.0,
+    rng: np.random.Generator | None = None,
+) -> dict:
+    """Left-padded prompt + answer + end-of-turn tokens, with labels only on the answer and end-of-turn (always the
+    right ones). With `answer_noise`, that share of the answer tokens shown to the model is another answer token
+    of the batch, drawn with `rng`."""
     rows, _, extra = mllm.tokenize(
         [p for p, _, _ in examples], [im for _, im, _ in examples] if any(im for _, im, _ in examples) else None
     )
@@ -86,10 +99,27 @@ def lm_batch(mllm: MLLMAdapter, examples: list[tuple[str, list, str]]) -> dict:
         ans = mllm.tokenizer(answer, add_special_tokens=False)["input_ids"] + [eos]
         seqs.append(row + ans)
         labels.append([-100] * len(row) + ans)
+    if answer_noise:
+        if rng is None:
+            raise ValueError("answer_noise needs an rng: the corruption must be reproducible")
+        seqs = _corrupt_answers(seqs, labels, answer_noise, rng)
     ids, mask = left_pad(seqs, mllm.pad_id, 0)  # (B, L)
     lab, _ = left_pad(labels, -100, 0)  # (B, L): padding is ignored by the loss
     kwargs = mllm.forward_kwargs(ids.to(mllm.device), mask.to(mllm.device), extra)
     return {**kwargs, "labels": lab.to(mllm.device)}
+
+
+def _corrupt_answers(
+    seqs: list[list[int]], labels: list[list[int]], share: float, rng: np.random.Generator
+) -> list[list[int]]:
+    """Each answer token of `seqs` (where `labels` is not -100) replaced with probability `share` by an answer token
+    drawn from the whole batch."""
+    pool = np.asarray([t for lab in labels for t in lab if t != -100])
+    out = []
+    for seq, lab in zip(seqs, labels):
+        hit = (np.asarray(lab) != -100) & (rng.random(len(seq)) < share)
+        out.append(np.where(hit, rng.choice(pool, len(seq)), seq).tolist())
+    return out
 
 
 def teach(mllm: MLLMAdapter, world: ToyWorld, cfg: TeachConfig) -> list[float]:
@@ -120,7 +150,7 @@ def _train(
     for step in bar:
         tasks = rng.choice(len(TASKS), cfg.batch_size, p=p)
         examples = [example(world, TASKS[t], step * cfg.batch_size + i) for i, t in enumerate(tasks)]
-        loss = model(**lm_batch(mllm, examples)).loss
+        loss = model(**lm_batch(mllm, examples, cfg.answer_noise, rng)).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
