@@ -21,10 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -32,7 +30,7 @@ from metaqueries_core.decoders import load_decoder
 from metaqueries_core.images import pil_to_tensor, tensor_to_pil
 from metaqueries_core.losses import diffusion_loss
 from metaqueries_core.sampling import Guidance, denoise
-from metaqueries_core.toyworld import ToyWorld, score_image
+from metaqueries_core.toyworld import ToyWorld, score_image, summarise
 from metaqueries_core.toyworld.world import COLOURS, POSITIONS, SHAPES, all_text
 
 MODES = ("bound", "words", "words_noseq", "states", "argmax")
@@ -92,13 +90,14 @@ class Tokens:
         return cond, mask
 
 
-def evaluate(dec, tokens: Tokens, world: ToyWorld, kind: str, n: int | None, seeds=(0, 1)) -> dict[str, float]:
+def evaluate(dec, tokens: Tokens, world: ToyWorld, kind: str, n: int | None, seeds=(0, 1)) -> dict:
+    """`summarise`d scores (overall / seen / heldout) of `len(seeds)` samples per eval prompt of `kind`."""
     prompts = world.eval_prompts(kind, n)
     items = [(p.scene, p.prompt) for p in prompts]
-    res = defaultdict(list)
+    cond, mask = tokens.batch(items)  # (B, T, C), (B, T)
+    null, null_mask = tokens.batch(items, [True] * len(items), length=cond.shape[1])
+    results = []
     for seed in seeds:
-        cond, mask = tokens.batch(items)
-        null, null_mask = tokens.batch(items, [True] * len(items), length=cond.shape[1])
         lat = denoise(
             dec,
             torch.cat([null, cond]),
@@ -110,12 +109,9 @@ def evaluate(dec, tokens: Tokens, world: ToyWorld, kind: str, n: int | None, see
             guidance=Guidance(5.0, 1.0),
             seed=seed,
         )  # (B, c, h, w)
-        for p, im in zip(prompts, tensor_to_pil(dec.decode(lat))):
-            r = score_image(im, p.scene)
-            split = "heldout" if p.heldout else "seen"
-            for k in ("all", "colour", "shape", "position"):
-                res[f"{split}_{k}"].append(r[k])
-    return {k: round(float(np.mean(v)), 3) for k, v in sorted(res.items())}
+        images = tensor_to_pil(dec.decode(lat))
+        results += [(score_image(im, p.scene), p.heldout) for p, im in zip(prompts, images)]
+    return summarise(results)
 
 
 def main() -> None:
