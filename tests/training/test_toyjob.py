@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 
 from training.run import main as run_main
-from training.toyjob import CHECKPOINT_NAME, DECODER_NAME, MLLM_NAME, STAMP, digest, load_exported
+from training.toyjob import (
+    CHECKPOINT_NAME,
+    DECODER_NAME,
+    MLLM_NAME,
+    STAMP,
+    ToyJobConfig,
+    digest,
+    load_exported,
+    run_config,
+)
 
 TINY = [
     "--teach_steps=3",
@@ -105,11 +115,23 @@ def test_pixel_space_decoder_has_no_autoencoder(tmp_path):
         ("--eval_samples=0", "eval_samples"),
         ("--ae_channels=[8]", "channels"),
         ("--caption_mix={relation: 1, two: 1}", "unknown kinds ['two']"),
+        ("--instruct_lr_scale=0", "instruct_lr_scale"),
     ],
 )
 def test_bad_settings_are_refused_before_any_work(tmp_path, capsys, arg, says):
     assert run_main([f"--out={tmp_path / 'toy'}", arg]) == 2
     assert says in capsys.readouterr().out and not (tmp_path / "toy" / "work").exists()
+
+
+def test_instruct_stage_trains_at_a_share_of_the_pretrain_rates(tmp_path):
+    cfg = ToyJobConfig(lr=2e-3, queries_lr=1e-3, decoder_lr=4e-3, instruct_lr_scale=0.1)
+    def optim(cfg: ToyJobConfig, stage: str):
+        return run_config(cfg, tmp_path, stage, tmp_path / "mllm", tmp_path / "decoder", None).optim
+
+    pre, inst = optim(cfg, "pretrain"), optim(cfg, "instruct")
+    assert (pre.lr, pre.queries_lr, pre.decoder_lr) == (2e-3, 1e-3, 4e-3)
+    assert (inst.lr, inst.queries_lr, inst.decoder_lr) == pytest.approx((2e-4, 1e-4, 4e-4))
+    assert optim(replace(cfg, decoder_lr=None), "instruct").decoder_lr is None
 
 
 def test_unknown_toy_option_is_refused(tmp_path, capsys):
