@@ -100,8 +100,10 @@ class ToyJobConfig:
     decoder_pos_embed: bool = True
     # generation training
     batch_size: int = 16
-    pretrain_steps: int = 3000  # ~6 steps/s on 2 idle cores (latent decoder): the whole job takes ~12 minutes
-    instruct_steps: int = 250
+    # 5-6.5 steps/s on 2 idle cores (latent decoder), depending on the day: 3000 + 250 steps took the whole job from
+    # 12:28 (run W) to 15:53 (run F0) on the same machine, so the default leaves room (~11-14 minutes)
+    pretrain_steps: int = 2500
+    instruct_steps: int = 150
     # weights of the caption kinds in generation training (data.toyworld_caption_mix); None: the world's natural mix
     # (placed 2, relation 2, count 1, pair 1). More relations, once the slots are clean and placed: two-object
     # all-correct 0.417 / 0.300 -> 0.683 / 0.517, single unchanged (runs NS and X1, benchmarks/TOYWORLD.md)
