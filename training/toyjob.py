@@ -142,7 +142,9 @@ class ToyJobConfig:
         if not 0.0 <= self.head_hold < 1.0:
             raise ValueError(f"head_hold is a fraction of the pretrain steps in [0, 1), got {self.head_hold}")
         if not 0.0 < self.instruct_lr_scale <= 1.0:
-            raise ValueError(f"instruct_lr_scale is a share of pretrain's rates in (0, 1], got {self.instruct_lr_scale}")
+            raise ValueError(
+                f"instruct_lr_scale is a share of pretrain's rates in (0, 1], got {self.instruct_lr_scale}"
+            )
         if self.eval_samples < 1:
             raise ValueError(f"eval_samples (samples per text-to-image prompt) must be >= 1, got {self.eval_samples}")
         if self.caption_mix is not None:

@@ -125,6 +125,7 @@ def test_bad_settings_are_refused_before_any_work(tmp_path, capsys, arg, says):
 
 def test_instruct_stage_trains_at_a_share_of_the_pretrain_rates(tmp_path):
     cfg = ToyJobConfig(lr=2e-3, queries_lr=1e-3, decoder_lr=4e-3, instruct_lr_scale=0.1)
+
     def optim(cfg: ToyJobConfig, stage: str):
         return run_config(cfg, tmp_path, stage, tmp_path / "mllm", tmp_path / "decoder", None).optim
 
@@ -141,14 +142,15 @@ def test_unknown_toy_option_is_refused(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_full_default_job(tmp_path):
-    """The README's main command with its defaults (about 14 minutes on 2 cores)."""
+    """The README's main command with its defaults (11-14 minutes on 2 cores)."""
     assert run_main([f"--out={tmp_path / 'toy'}"]) == 0
     scores = json.loads((tmp_path / "toy" / "scores.json").read_text())
     assert scores["understanding_unchanged"] is True
-    # measured 0.971 / 0.974 seen in two runs of the same code (runs W and X1, benchmarks/TOYWORLD.md); floors that
-    # catch a broken recipe. Two-object: 0.692 / 0.683 (0.16 before the noise-taught MLLM and the slot embedding)
+    # floors that catch a broken recipe (benchmarks/TOYWORLD.md): single-object seen 0.97-1.00 in every run of
+    # this recipe; two-object seen 0.88-0.96 with noise shift 3 (runs F1, F0, R3; 0.44-0.95 over seeds without it,
+    # 0.16 before the noise-taught MLLM and the slot embedding)
     assert scores["single"]["seen"]["all"] >= 0.8
-    assert scores["two_object"]["seen"]["all"] >= 0.4
+    assert scores["two_object"]["seen"]["all"] >= 0.6
     # every attribute read back from the conditioning at 1.000 in every measured run
     probe = scores["conditioning_probe"]
     assert min(min(probe["single"].values()), min(probe["two_object"].values())) >= 0.9
