@@ -309,8 +309,9 @@ def stage_decoder_init(cfg: ToyJobConfig, work: Path, world: ToyWorld) -> Path:
 
 
 def run_config(cfg: ToyJobConfig, work: Path, stage: str, mllm: Path, decoder: Path, init: Path | None) -> RunConfig:
-    steps = cfg.pretrain_steps if stage == "pretrain" else cfg.instruct_steps
-    scale = 1.0 if stage == "pretrain" else cfg.instruct_lr_scale
+    pretrain = stage == "pretrain"
+    steps = cfg.pretrain_steps if pretrain else cfg.instruct_steps
+    scale = 1.0 if pretrain else cfg.instruct_lr_scale  # of every learning rate
     return RunConfig(
         model=ModelSection(
             mllm=str(mllm),
@@ -336,7 +337,7 @@ def run_config(cfg: ToyJobConfig, work: Path, stage: str, mllm: Path, decoder: P
             queries_lr=cfg.queries_lr * scale,
             decoder_lr=None if cfg.decoder_lr is None else cfg.decoder_lr * scale,
             warmup_steps=min(100, steps // 10),
-            head_hold_steps=int(cfg.head_hold * steps) if stage == "pretrain" else 0,
+            head_hold_steps=int(cfg.head_hold * steps) if pretrain else 0,
             weight_decay=0.0,
             grad_clip=1.0,
         ),

@@ -4,8 +4,8 @@ A ridge regression reads each attribute of a caption (colour, shape, position of
 objects and their relation for two-object captions) from the connector's output, fitted on train captions and scored
 on other train captions. Near chance: the conditioning already lost the attribute. Near 1.0: it is there, but not
 necessarily in a form the decoder can bind: the probe reads all N tokens at once, the decoder's cross-attention
-reads them one by one and without their places, so the flat 1.0 of the old default (two-object 0.16) and of the
-current one (0.42) look alike (benchmarks/TOYWORLD.md). The taught toy MLLM's query states carry every attribute
+reads them one by one and without their places, so the probe read 1.0 alike in runs whose two-object all-correct
+was 0.16 (run Z), 0.42 (NS) and 0.93 (F1) (benchmarks/TOYWORLD.md). The taught toy MLLM's query states carry every attribute
 before generation training starts (a 30-step run reads 1.0 too), so this checks the MLLM side of a run; it does
 not measure what training added.
 """
