@@ -28,6 +28,7 @@ from metaqueries_core.mllm import load_mllm
 from metaqueries_core.sampling import Guidance
 from metaqueries_core.tinykit import TinySize, write_tiny_mllm
 from metaqueries_core.toyworld import ToyWorld, all_text
+from metaqueries_core.toyworld.world import CAPTION_LAYOUTS
 
 from .config import (
     ConnectorSection,
@@ -68,6 +69,9 @@ class ToyJobConfig:
     # after every prompt, then read the prompt's canonical restatement word by word (exact for 90 / 90 single and
     # 60 / 60 two-object eval prompts; without: 57% and 47%, two-object slots after "above" repeated the first object)
     teach_answer_noise: float = 0.5
+    # caption kinds of the describe and restate lessons (drawn uniformly, repeats weigh more): the natural mix plus
+    # "placed_many", 2-3 objects each at its region, the form of edit targets
+    teach_caption_kinds: tuple[str, ...] = CAPTION_LAYOUTS
     # the MetaQuery head
     num_queries: int = 16
     # queries start as the taught MLLM's embeddings of an answer in its canonical form, cycled over the slots: the
@@ -149,8 +153,20 @@ class ToyJobConfig:
             raise ValueError(f"eval_samples (samples per text-to-image prompt) must be >= 1, got {self.eval_samples}")
         if self.caption_mix is not None:
             check_caption_mix(self.caption_mix)
+        self.teach_config()  # refused now, not part-way through the job
         if self.decoder_space == "latent":  # refused now, not after the MLLM has been taught
             self.autoencoder_config()
+
+    def teach_config(self) -> TeachConfig:
+        return TeachConfig(
+            steps=self.teach_steps,
+            restate_first=self.teach_restate_first,
+            batch_size=self.teach_batch,
+            lr=self.teach_lr,
+            answer_noise=self.teach_answer_noise,
+            caption_kinds=tuple(self.teach_caption_kinds),
+            seed=self.seed,
+        )
 
     def autoencoder_config(self) -> AutoencoderConfig:
         return AutoencoderConfig(
@@ -182,6 +198,7 @@ STAGE_SETTINGS = {
     "mllm": (
         *("seed", "image_size", "mllm_width", "mllm_layers"),
         *("teach_steps", "teach_restate_first", "teach_batch", "teach_lr", "teach_answer_noise"),
+        "teach_caption_kinds",
     ),
     "autoencoder": ("seed", "image_size", "ae_channels", "ae_latent_channels", "ae_steps"),
     "decoder_init": (
@@ -250,15 +267,7 @@ def stage_teach(cfg: ToyJobConfig, work: Path, world: ToyWorld) -> Path:
     t0 = time.perf_counter()
     write_tiny_mllm("qwen2_5_vl", folder, size=mllm_size(cfg), texts=[*all_text(), SYSTEM_PROMPT], seed=cfg.seed)
     mllm = load_mllm(folder, system_prompt=SYSTEM_PROMPT)
-    teach_cfg = TeachConfig(
-        steps=cfg.teach_steps,
-        restate_first=cfg.teach_restate_first,
-        batch_size=cfg.teach_batch,
-        lr=cfg.teach_lr,
-        answer_noise=cfg.teach_answer_noise,
-        seed=cfg.seed,
-    )
-    losses = teach(mllm, world, teach_cfg)
+    losses = teach(mllm, world, cfg.teach_config())
     mllm.model.save_pretrained(folder)
     acc = {split: understanding_accuracy(mllm, world, split, cfg.eval_questions) for split in SPLITS}
     write_record(folder / "understanding.json", t0, losses, acc)

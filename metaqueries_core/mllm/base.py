@@ -178,13 +178,27 @@ class MLLMAdapter(ABC):
         max_prompt_tokens: int | None = None,
     ) -> tuple[list[list[int]], list[torch.Tensor], dict[str, Any]]:
         """Chat-formatted token rows (image placeholders expanded to the feature counts), the vision features per
-        image (each (n_i, D)) and the family's pixel kwargs. Shared by `prepare` and by captioning / teaching."""
-        system_prompt = self.system_prompt if system_prompt is DEFAULT else system_prompt
-        max_tokens = self.max_prompt_tokens if max_prompt_tokens is None else max_prompt_tokens
+        image (each (n_i, D)) and the family's pixel kwargs. Shared by `prepare` and by captioning."""
         if isinstance(prompts, str):
             raise TypeError("prompts must be a list of strings, got a single string")
         images = self.check_images(images, len(prompts))
         feats, extra = self.image_features(images) if any(images) else ([], {})
+        rows = self.token_rows(prompts, images, feats, system_prompt=system_prompt, max_prompt_tokens=max_prompt_tokens)
+        return rows, feats, extra
+
+    def token_rows(
+        self,
+        prompts: list[str],
+        images: list[list[Image.Image]],
+        feats: list[torch.Tensor],
+        *,
+        system_prompt: str | None | Default = DEFAULT,
+        max_prompt_tokens: int | None = None,
+    ) -> list[list[int]]:
+        """Chat-formatted token rows of checked `images` (`check_images`), each image's placeholder repeated as many
+        times as it has feature vectors in `feats` (what `image_features` returned for them)."""
+        system_prompt = self.system_prompt if system_prompt is DEFAULT else system_prompt
+        max_tokens = self.max_prompt_tokens if max_prompt_tokens is None else max_prompt_tokens
         counts = iter([f.shape[0] for f in feats])
         rows = []
         for caption, sample_images in zip(prompts, images):
@@ -197,7 +211,15 @@ class MLLMAdapter(ABC):
                     )
                 text = parts[0] + "".join(self.image_token * next(counts) + p for p in parts[1:])
             rows.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return rows, feats, extra
+        return rows
+
+    def embed(self, input_ids: torch.Tensor, feats: list[torch.Tensor]) -> torch.Tensor:
+        """Token embeddings (B, L, D) with the image placeholders replaced by the vision features, in order."""
+        embeds = self.language_model.get_input_embeddings()(input_ids)  # (B, L, D)
+        if feats:
+            image_mask = (input_ids == self.image_token_id).unsqueeze(-1)  # (B, L, 1)
+            embeds = embeds.masked_scatter(image_mask, torch.cat(feats).to(embeds.dtype))
+        return embeds
 
     def forward_kwargs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, extra: dict[str, Any]) -> dict:
         """Keyword arguments of the family's own HF forward / generate for these tokens."""
@@ -222,10 +244,7 @@ class MLLMAdapter(ABC):
         )
         input_ids, attention_mask = left_pad(rows, self.pad_id, num_queries)  # (B, L)
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
-        embeds = self.language_model.get_input_embeddings()(input_ids)  # (B, L, D)
-        if feats:
-            image_mask = (input_ids == self.image_token_id).unsqueeze(-1)  # (B, L, 1)
-            embeds = embeds.masked_scatter(image_mask, torch.cat(feats).to(embeds.dtype))
+        embeds = self.embed(input_ids, feats)  # (B, L, D)
         if num_queries:
             embeds[:, -num_queries:] = 0
         position_ids = self.position_ids(input_ids, attention_mask, extra)

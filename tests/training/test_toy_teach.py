@@ -16,9 +16,10 @@ def test_restate_first_then_the_mix_then_frozen(tmp_path, monkeypatch):
     drawn: list[str] = []
     real = teach_mod.example
 
-    def recording(world, task, index, split="train"):
+    def recording(world, task, index, split="train", kinds=()):
         drawn.append(task)
-        return real(world, task, index, split)
+        assert kinds == cfg.caption_kinds
+        return real(world, task, index, split, kinds)
 
     monkeypatch.setattr(teach_mod, "example", recording)
     cfg = TeachConfig(steps=2, restate_first=3, batch_size=4, weights=(1.0, 0.0, 1.0, 0.0, 0.0), warmup=1)
@@ -37,6 +38,8 @@ def test_restate_first_then_the_mix_then_frozen(tmp_path, monkeypatch):
         ({"steps": 0}, "steps must be >= 1"),
         ({"restate_first": -1}, "restate_first >= 0"),
         ({"answer_noise": 1.0}, r"answer_noise is a share of answer tokens in \[0, 1\)"),
+        ({"caption_kinds": ("placed", "crowd")}, "caption_kinds: some of"),
+        ({"caption_kinds": ()}, "caption_kinds: some of"),
     ],
 )
 def test_bad_teach_config_is_refused(kwargs, match):
@@ -68,6 +71,36 @@ def test_images_are_described_in_reading_order_and_captions_restated_in_their_ow
         assert images == [] and want == scene_to_text(world.caption_sample("train", i).scene)
 
 
+def test_edit_answers_keep_the_sources_reading_order():
+    from collections import Counter
+
+    from metaqueries_core.toyworld import scene_to_text
+    from training.toy.teach import describe, edit_answer
+
+    world = ToyWorld(size=32, seed=0)
+    edits = world.edit_samples("train", 80)
+    assert {e.op for e in edits} == {"recolour", "move", "add", "remove"}
+    for e in edits:
+        answer, source = edit_answer(e), describe(e.source_scene).split(" and ")
+        parts = answer.split(" and ")
+        # the same objects as the target, whatever the order
+        assert Counter(parts) == Counter(scene_to_text(type(e.target_scene)((o,))) for o in e.target_scene.objects)
+        if e.op in ("recolour", "move"):  # one object changed where it stands in the source's description
+            assert len(parts) == len(source) and sum(a != b for a, b in zip(parts, source)) == 1
+        elif e.op == "add":
+            assert parts[:-1] == source
+        else:
+            assert len(parts) == len(source) - 1 and all(p in source for p in parts)
+    # a move keeps the moved object's place even where the target's reading order differs
+    assert any(edit_answer(e) != describe(e.target_scene) for e in edits if e.op == "move")
+    prompt, images, want = teach_mod.example(world, "edit", 3)
+    assert (prompt, images[0].tobytes(), want) == (
+        edits[3].instruction,
+        edits[3].source_image.tobytes(),
+        edit_answer(edits[3]),
+    )
+
+
 def test_task_accuracy_is_exact_match_of_the_teaching_answers(monkeypatch, mllm_loader):
     world, mllm = ToyWorld(size=32, seed=0), mllm_loader("qwen2_5_vl")
     truth = [teach_mod.example(world, "restate", i, "eval_seen")[2] for i in range(4)]
@@ -87,13 +120,35 @@ def test_answer_noise_shows_wrong_answer_tokens_and_keeps_the_labels(mllm_loader
     clean = teach_mod.lm_batch(mllm, examples)
     noisy = teach_mod.lm_batch(mllm, examples, 0.5, np.random.default_rng(0))
     again = teach_mod.lm_batch(mllm, examples, 0.5, np.random.default_rng(0))
-    assert torch.equal(noisy["labels"], clean["labels"])  # the model still learns the right answer
-    assert torch.equal(noisy["input_ids"], again["input_ids"])  # reproducible
-    answer = clean["labels"] != -100
-    changed = noisy["input_ids"] != clean["input_ids"]
+    assert torch.equal(noisy.labels, clean.labels)  # the model still learns the right answer
+    assert torch.equal(noisy.input_ids, again.input_ids)  # reproducible
+    answer = clean.labels != -100
+    changed = noisy.input_ids != clean.input_ids
     assert not changed[~answer].any()  # prompts are never touched
     assert 0.2 < changed[answer].float().mean() < 0.5  # ~half drawn, some draws hit the same token
-    pool = set(clean["labels"][answer].tolist())
-    assert set(noisy["input_ids"][answer].tolist()) <= pool  # wrong tokens are answer words of the batch
+    pool = set(clean.labels[answer].tolist())
+    assert set(noisy.input_ids[answer].tolist()) <= pool  # wrong tokens are answer words of the batch
     with pytest.raises(ValueError, match="answer_noise needs an rng"):
         teach_mod.lm_batch(mllm, examples, 0.5)
+
+
+def test_teaching_forward_runs_the_vision_tower_once_and_matches_the_models_own(monkeypatch, mllm_loader):
+    """The teaching loss through `inputs_embeds` (features computed once, with gradient) is the loss of the HF
+    forward that computes them itself from `pixel_values`; and the vision tower gets its gradient."""
+    import torch
+
+    world, mllm = ToyWorld(size=32, seed=0), mllm_loader("qwen2_5_vl")
+    examples = [teach_mod.example(world, task, i) for i, task in enumerate(["describe", "restate", "qa", "edit"] * 2)]
+    model = mllm.model
+    model.requires_grad_(True)
+    calls = []
+    tower = model.model.visual
+    monkeypatch.setattr(tower, "forward", lambda *a, _f=tower.forward, **k: calls.append(1) or _f(*a, **k))
+    batch = teach_mod.lm_batch(mllm, examples)
+    ours = model(**batch.model_kwargs(mllm)).loss
+    assert len(calls) == 1
+    theirs = model(**mllm.forward_kwargs(batch.input_ids, batch.attention_mask, batch.extra), labels=batch.labels).loss
+    assert len(calls) == 2  # the model's own forward runs the tower again
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    ours.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in tower.parameters() if p.requires_grad)

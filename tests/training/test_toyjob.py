@@ -116,6 +116,8 @@ def test_pixel_space_decoder_has_no_autoencoder(tmp_path):
         ("--ae_channels=[8]", "channels"),
         ("--caption_mix={relation: 1, two: 1}", "unknown kinds ['two']"),
         ("--instruct_lr_scale=0", "instruct_lr_scale"),
+        ("--teach_caption_kinds=[placed, crowd]", "caption_kinds"),
+        ("--teach_answer_noise=1.0", "answer_noise"),
     ],
 )
 def test_bad_settings_are_refused_before_any_work(tmp_path, capsys, arg, says):

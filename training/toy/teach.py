@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from metaqueries_core.mllm import MLLMAdapter
 from metaqueries_core.mllm.base import freeze, left_pad
 from metaqueries_core.toyworld import Scene, ToyWorld, scene_to_text
-from metaqueries_core.toyworld.world import POSITIONS
+from metaqueries_core.toyworld.world import CAPTION_KINDS, CAPTION_LAYOUTS, POSITIONS, EditSample
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,9 @@ class TeachConfig:
     # learns to predict the right next ones: it learns to answer from the prompt and its place in the answer rather
     # than from its own previous words. The query slots are such a wrong answer (fixed tokens after every prompt)
     answer_noise: float = 0.0
+    # caption kinds of the describe and restate examples, drawn uniformly (repeats weigh more). "placed_many" (2-3
+    # objects, each claimed at its region) is the form of edit targets
+    caption_kinds: tuple[str, ...] = CAPTION_LAYOUTS
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -50,6 +53,10 @@ class TeachConfig:
             raise ValueError(f"answer_noise is a share of answer tokens in [0, 1), got {self.answer_noise}")
         if self.steps < 1 or self.restate_first < 0:
             raise ValueError(f"steps must be >= 1 and restate_first >= 0, got {self.steps} and {self.restate_first}")
+        if not self.caption_kinds or not set(self.caption_kinds) <= set(CAPTION_KINDS):
+            raise ValueError(
+                f"caption_kinds: some of {list(CAPTION_KINDS)} (repeats weigh more), got {self.caption_kinds}"
+            )
 
 
 def describe(scene: Scene) -> str:
@@ -61,24 +68,62 @@ def describe(scene: Scene) -> str:
     return scene_to_text(Scene(tuple(sorted(scene.objects, key=lambda o: rank[o.position])), "placed"))
 
 
-def example(world: ToyWorld, task: str, index: int, split: str = "train") -> tuple[str, list, str]:
-    """(prompt, images, answer) of one teaching example."""
+def edit_answer(edit: EditSample) -> str:
+    """The edit's target described in the source's reading order: the source's description with the edited object
+    changed where it stands (a moved object keeps its place in the sentence), a removed one left out, an added one
+    last. In the target's own reading order a move reorders the sentence, which the MLLM rarely got right."""
+    rank = {p: i for i, p in enumerate(POSITIONS)}
+    keys = [rank[o.position] for o in edit.source_scene.objects]  # target object j is source object j, but:
+    if edit.op == "add":
+        keys.append(len(POSITIONS))
+    elif edit.op == "remove":
+        del keys[edit.index]
+    objs = [o for _, o in sorted(zip(keys, edit.target_scene.objects), key=lambda t: t[0])]
+    return scene_to_text(Scene(tuple(objs), "placed"))
+
+
+def example(
+    world: ToyWorld, task: str, index: int, split: str = "train", kinds: tuple[str, ...] = CAPTION_LAYOUTS
+) -> tuple[str, list, str]:
+    """(prompt, images, answer) of one teaching example; describe and restate draw captions of `kinds`."""
     if task == "describe":
-        s = world.caption_sample(split, index)
+        s = world.caption_sample(split, index, kinds)
         return DESCRIBE, [s.image], describe(s.scene)
     if task == "restate":
-        s = world.caption_sample(split, index)
+        s = world.caption_sample(split, index, kinds)
         return s.caption, [], scene_to_text(s.scene)
     if task == "qa":
         s = world.qa_sample(split, index)
         return s.question, [s.image], s.answer
     if task == "edit":
         e = world.edit_sample(split, index)
-        return e.instruction, [e.source_image], describe(e.target_scene)
+        return e.instruction, [e.source_image], edit_answer(e)
     if task == "subject":
         s = world.subject_sample(split, index)
         return s.prompt, list(s.references), scene_to_text(s.target_scene)
     raise ValueError(f"unknown teaching task {task!r}; known: {list(TASKS)}")
+
+
+@dataclass
+class LMBatch:
+    """A teaching batch: left-padded prompt + answer + end-of-turn tokens, labels only on the answer and end-of-turn,
+    and the vision features of its images (computed with gradient: the vision tower learns too)."""
+
+    input_ids: torch.Tensor  # (B, L)
+    attention_mask: torch.Tensor  # (B, L)
+    labels: torch.Tensor  # (B, L), -100 off the answers
+    feats: list[torch.Tensor]  # per image (n_i, D)
+    extra: dict
+
+    def model_kwargs(self, mllm: MLLMAdapter) -> dict:
+        """The HF forward's arguments. The features go in as `inputs_embeds` (as `prepare` feeds the query slots), so
+        the vision tower runs once per batch, not again inside the forward."""
+        return {
+            "inputs_embeds": mllm.embed(self.input_ids, self.feats),  # (B, L, D)
+            "attention_mask": self.attention_mask,
+            "position_ids": mllm.position_ids(self.input_ids, self.attention_mask, self.extra),
+            "labels": self.labels,
+        }
 
 
 def lm_batch(
@@ -86,13 +131,12 @@ def lm_batch(
     examples: list[tuple[str, list, str]],
     answer_noise: float = 0.0,
     rng: np.random.Generator | None = None,
-) -> dict:
-    """Left-padded prompt + answer + end-of-turn tokens, with labels only on the answer and end-of-turn (always the
-    right ones). With `answer_noise`, that share of the answer tokens shown to the model is another answer token
-    of the batch, drawn with `rng`."""
-    rows, _, extra = mllm.tokenize(
-        [p for p, _, _ in examples], [im for _, im, _ in examples] if any(im for _, im, _ in examples) else None
-    )
+) -> LMBatch:
+    """The batch of `examples`. With `answer_noise`, that share of the answer tokens shown to the model is another
+    answer token of the batch, drawn with `rng` (the labels stay right)."""
+    images = mllm.check_images([im for _, im, _ in examples], len(examples))
+    feats, extra = mllm.image_features(images) if any(images) else ([], {})  # each (n_i, D)
+    rows = mllm.token_rows([p for p, _, _ in examples], images, feats)
     eos = mllm.tokenizer.convert_tokens_to_ids("<|im_end|>")
     seqs, labels = [], []
     for row, (_, _, answer) in zip(rows, examples):
@@ -105,8 +149,7 @@ def lm_batch(
         seqs = _corrupt_answers(seqs, labels, answer_noise, rng)
     ids, mask = left_pad(seqs, mllm.pad_id, 0)  # (B, L)
     lab, _ = left_pad(labels, -100, 0)  # (B, L): padding is ignored by the loss
-    kwargs = mllm.forward_kwargs(ids.to(mllm.device), mask.to(mllm.device), extra)
-    return {**kwargs, "labels": lab.to(mllm.device)}
+    return LMBatch(ids.to(mllm.device), mask.to(mllm.device), lab.to(mllm.device), feats, extra)
 
 
 def _corrupt_answers(
@@ -149,8 +192,10 @@ def _train(
     bar = tqdm(range(steps), desc=desc)
     for step in bar:
         tasks = rng.choice(len(TASKS), cfg.batch_size, p=p)
-        examples = [example(world, TASKS[t], step * cfg.batch_size + i) for i, t in enumerate(tasks)]
-        loss = model(**lm_batch(mllm, examples, cfg.answer_noise, rng)).loss
+        examples = [
+            example(world, TASKS[t], step * cfg.batch_size + i, kinds=cfg.caption_kinds) for i, t in enumerate(tasks)
+        ]
+        loss = model(**lm_batch(mllm, examples, cfg.answer_noise, rng).model_kwargs(mllm)).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
