@@ -178,7 +178,8 @@ class MLLMAdapter(ABC):
         max_prompt_tokens: int | None = None,
     ) -> tuple[list[list[int]], list[torch.Tensor], dict[str, Any]]:
         """Chat-formatted token rows (image placeholders expanded to the feature counts), the vision features per
-        image (each (n_i, D)) and the family's pixel kwargs. Shared by `prepare` and by captioning."""
+        image (each (n_i, D)) and the family's pixel kwargs, for `prepare` (no gradient; teaching computes the
+        features with gradient and builds its rows with `token_rows`)."""
         if isinstance(prompts, str):
             raise TypeError("prompts must be a list of strings, got a single string")
         images = self.check_images(images, len(prompts))

@@ -132,23 +132,26 @@ def test_answer_noise_shows_wrong_answer_tokens_and_keeps_the_labels(mllm_loader
         teach_mod.lm_batch(mllm, examples, 0.5)
 
 
-def test_teaching_forward_runs_the_vision_tower_once_and_matches_the_models_own(monkeypatch, mllm_loader):
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])
+def test_teaching_forward_runs_the_vision_tower_once_and_matches_the_models_own(monkeypatch, mllm_folder, family):
     """The teaching loss through `inputs_embeds` (features computed once, with gradient) is the loss of the HF
-    forward that computes them itself from `pixel_values`; and the vision tower gets its gradient."""
+    forward that computes them itself from the pixel inputs; and the vision side gets its gradient."""
     import torch
 
-    world, mllm = ToyWorld(size=32, seed=0), mllm_loader("qwen2_5_vl")
+    world, mllm = ToyWorld(size=32, seed=0), load_mllm(mllm_folder(family))  # its own copy: gradients are switched on
     examples = [teach_mod.example(world, task, i) for i, task in enumerate(["describe", "restate", "qa", "edit"] * 2)]
     model = mllm.model
     model.requires_grad_(True)
     calls = []
-    tower = model.model.visual
-    monkeypatch.setattr(tower, "forward", lambda *a, _f=tower.forward, **k: calls.append(1) or _f(*a, **k))
+    real = model.model.get_image_features
+    monkeypatch.setattr(model.model, "get_image_features", lambda *a, **k: calls.append(1) or real(*a, **k))
     batch = teach_mod.lm_batch(mllm, examples)
     ours = model(**batch.model_kwargs(mllm)).loss
     assert len(calls) == 1
     theirs = model(**mllm.forward_kwargs(batch.input_ids, batch.attention_mask, batch.extra), labels=batch.labels).loss
-    assert len(calls) == 2  # the model's own forward runs the tower again
+    assert len(calls) == 2  # the model's own forward computes the features again
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     ours.backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in tower.parameters() if p.requires_grad)
+    # the gradient reaches the patch embedding, the vision tower's first layer
+    patch = next(p for n, p in model.named_parameters() if "patch_embed" in n)
+    assert patch.grad is not None and patch.grad.abs().sum() > 0
