@@ -168,7 +168,6 @@ class MLLMAdapter(ABC):
             out.append([ensure_min_side(to_rgb(im), self.min_image_side) for im in sample])
         return out
 
-    @torch.no_grad()
     def tokenize(
         self,
         prompts: list[str],
@@ -178,28 +177,14 @@ class MLLMAdapter(ABC):
         max_prompt_tokens: int | None = None,
     ) -> tuple[list[list[int]], list[torch.Tensor], dict[str, Any]]:
         """Chat-formatted token rows (image placeholders expanded to the feature counts), the vision features per
-        image (each (n_i, D)) and the family's pixel kwargs, for `prepare` (no gradient; teaching computes the
-        features with gradient and builds its rows with `token_rows`)."""
+        image (each (n_i, D)) and the family's pixel kwargs. The features follow the caller's gradient mode:
+        `prepare` runs without gradient, teaching with it (the vision tower learns there)."""
+        system_prompt = self.system_prompt if system_prompt is DEFAULT else system_prompt
+        max_tokens = self.max_prompt_tokens if max_prompt_tokens is None else max_prompt_tokens
         if isinstance(prompts, str):
             raise TypeError("prompts must be a list of strings, got a single string")
         images = self.check_images(images, len(prompts))
         feats, extra = self.image_features(images) if any(images) else ([], {})
-        rows = self.token_rows(prompts, images, feats, system_prompt=system_prompt, max_prompt_tokens=max_prompt_tokens)
-        return rows, feats, extra
-
-    def token_rows(
-        self,
-        prompts: list[str],
-        images: list[list[Image.Image]],
-        feats: list[torch.Tensor],
-        *,
-        system_prompt: str | None | Default = DEFAULT,
-        max_prompt_tokens: int | None = None,
-    ) -> list[list[int]]:
-        """Chat-formatted token rows of checked `images` (`check_images`), each image's placeholder repeated as many
-        times as it has feature vectors in `feats` (what `image_features` returned for them)."""
-        system_prompt = self.system_prompt if system_prompt is DEFAULT else system_prompt
-        max_tokens = self.max_prompt_tokens if max_prompt_tokens is None else max_prompt_tokens
         counts = iter([f.shape[0] for f in feats])
         rows = []
         for caption, sample_images in zip(prompts, images):
@@ -212,7 +197,7 @@ class MLLMAdapter(ABC):
                     )
                 text = parts[0] + "".join(self.image_token * next(counts) + p for p in parts[1:])
             rows.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return rows
+        return rows, feats, extra
 
     def embed(self, input_ids: torch.Tensor, feats: list[torch.Tensor]) -> torch.Tensor:
         """Token embeddings (B, L, D) with the image placeholders replaced by the vision features, in order."""

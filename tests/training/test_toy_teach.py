@@ -74,7 +74,7 @@ def test_images_are_described_in_reading_order_and_captions_restated_in_their_ow
 def test_edit_answers_keep_the_sources_reading_order():
     from collections import Counter
 
-    from metaqueries_core.toyworld import scene_to_text
+    from metaqueries_core.toyworld import Scene, scene_to_text
     from training.toy.teach import describe, edit_answer
 
     world = ToyWorld(size=32, seed=0)
@@ -84,7 +84,7 @@ def test_edit_answers_keep_the_sources_reading_order():
         answer, source = edit_answer(e), describe(e.source_scene).split(" and ")
         parts = answer.split(" and ")
         # the same objects as the target, whatever the order
-        assert Counter(parts) == Counter(scene_to_text(type(e.target_scene)((o,))) for o in e.target_scene.objects)
+        assert Counter(parts) == Counter(scene_to_text(Scene((o,))) for o in e.target_scene.objects)
         if e.op in ("recolour", "move"):  # one object changed where it stands in the source's description
             assert len(parts) == len(source) and sum(a != b for a, b in zip(parts, source)) == 1
         elif e.op == "add":

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 DESCRIBE = "describe the image."
 TASKS = ("describe", "restate", "qa", "edit", "subject")
+READING_ORDER = {p: i for i, p in enumerate(POSITIONS)}  # how an image is described: left, right, top, bottom, center
 
 
 @dataclass
@@ -64,16 +65,14 @@ def describe(scene: Scene) -> str:
     bottom, center): what the image shows, not what a caption claims. An image does not show which object a caption
     named first, so describing in the scene's order made the image tasks' answers a coin toss between orders.
     Captions are restated in their own order: the query slots read the prompt through that copy (toyjob.py)."""
-    rank = {p: i for i, p in enumerate(POSITIONS)}
-    return scene_to_text(Scene(tuple(sorted(scene.objects, key=lambda o: rank[o.position])), "placed"))
+    return scene_to_text(Scene(tuple(sorted(scene.objects, key=lambda o: READING_ORDER[o.position])), "placed"))
 
 
 def edit_answer(edit: EditSample) -> str:
     """The edit's target described in the source's reading order: the source's description with the edited object
     changed where it stands (a moved object keeps its place in the sentence), a removed one left out, an added one
     last. In the target's own reading order a move reorders the sentence, which the MLLM rarely got right."""
-    rank = {p: i for i, p in enumerate(POSITIONS)}
-    keys = [rank[o.position] for o in edit.source_scene.objects]  # target object j is source object j, but:
+    keys = [READING_ORDER[o.position] for o in edit.source_scene.objects]  # target object j is source object j, but:
     if edit.op == "add":
         keys.append(len(POSITIONS))
     elif edit.op == "remove":
@@ -134,9 +133,7 @@ def lm_batch(
 ) -> LMBatch:
     """The batch of `examples`. With `answer_noise`, that share of the answer tokens shown to the model is another
     answer token of the batch, drawn with `rng` (the labels stay right)."""
-    images = mllm.check_images([im for _, im, _ in examples], len(examples))
-    feats, extra = mllm.image_features(images) if any(images) else ([], {})  # each (n_i, D)
-    rows = mllm.token_rows([p for p, _, _ in examples], images, feats)
+    rows, feats, extra = mllm.tokenize([p for p, _, _ in examples], [im for _, im, _ in examples])  # with gradient
     eos = mllm.tokenizer.convert_tokens_to_ids("<|im_end|>")
     seqs, labels = [], []
     for row, (_, _, answer) in zip(rows, examples):
