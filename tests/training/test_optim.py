@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from training.config import OptimSection
-from training.optim import make_optimizer
+from training.optim import adamw, make_optimizer
 
 
 def roles() -> dict[str, nn.Module]:
@@ -67,3 +67,23 @@ def test_head_hold_must_leave_steps_to_train_and_be_non_negative():
         make_optimizer(roles(), OptimSection(head_hold_steps=10), total_steps=10)
     with pytest.raises(ValueError, match=r"head_hold_steps must be >= 0, got -1"):
         OptimSection(head_hold_steps=-1)
+
+
+def test_fused_adamw_takes_the_reference_steps():
+    """`adamw` (fused kernel) follows torch's single-tensor AdamW step for step: only the speed differs."""
+    models = []
+    for make in (adamw, lambda ps, **kw: torch.optim.AdamW(ps, foreach=False, **kw)):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8), nn.SiLU(), nn.Linear(8, 3))
+        start = model[0].weight.detach().clone()
+        opt = make(model.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+        x = torch.randn(16, 6)
+        for _ in range(20):
+            loss = model(x).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        models.append(model)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert (models[0][0].weight - start).abs().max() > 1e-2  # it did train

@@ -21,6 +21,8 @@ from metaqueries_core.images import pil_to_tensor
 from metaqueries_core.toyworld import ToyWorld
 from metaqueries_core.toyworld.scorer import score_image
 
+from ..optim import adamw
+
 log = logging.getLogger(__name__)
 
 
@@ -77,7 +79,7 @@ def train_autoencoder(world: ToyWorld, cfg: AutoencoderConfig) -> tuple[Autoenco
     """Train on fresh train-split caption images every step (one to three objects); returns the frozen model and
     its per-step losses."""
     ae = build_autoencoder(cfg).train()
-    opt = torch.optim.AdamW(ae.parameters(), lr=cfg.lr)
+    opt = adamw(ae.parameters(), lr=cfg.lr)
     warmup = max(1, cfg.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(  # linear warmup over 5% of the steps, then cosine to 0
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1.0 + math.cos(math.pi * s / cfg.steps))

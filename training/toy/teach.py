@@ -20,6 +20,8 @@ from metaqueries_core.mllm.base import freeze, left_pad
 from metaqueries_core.toyworld import Scene, ToyWorld, scene_to_text
 from metaqueries_core.toyworld.world import CAPTION_KINDS, CAPTION_LAYOUTS, POSITIONS, EditSample
 
+from ..optim import adamw
+
 log = logging.getLogger(__name__)
 
 DESCRIBE = "describe the image."
@@ -181,7 +183,7 @@ def _train(
 ) -> list[float]:
     """One phase: `steps` batches of tasks drawn with `weights`, its own AdamW and warmup + linear decay."""
     model = mllm.model
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.01)
+    opt = adamw(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * max(0.05, 1 - s / steps))
     rng = np.random.default_rng(seed)
     p = np.asarray(weights) / np.sum(weights)
