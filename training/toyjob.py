@@ -111,7 +111,8 @@ class ToyJobConfig:
     batch_size: int = 16
     # 4.2-6.5 steps/s on 2 idle cores (latent decoder), depending on the day: 3000 + 250 steps took the whole job from
     # 12:28 (run W) to 15:53 (run F0) on the same machine. 1800 leaves the teaching steps room; two-object all-correct
-    # 0.83-0.93 held-out at 1800 (runs J, H16, seed 1) but 0.47 on seed 2, which needs ~2500 (benchmarks/TOYWORLD.md)
+    # held-out 0.70-0.95 over seeds 0-2 at 1800 with noise shift 5 (runs K, SH5s*); 2500-3000 steps reached 0.93-0.99
+    # on every seed measured but do not fit 15 minutes next to teaching (benchmarks/TOYWORLD.md)
     pretrain_steps: int = 1800
     instruct_steps: int = 150
     # weights of the caption kinds in generation training (data.toyworld_caption_mix); None: the world's natural mix
