@@ -12,15 +12,16 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
 from metaqueries_core.images import tensor_to_pil
 from metaqueries_core.sampling import Guidance, generate
-from metaqueries_core.toyworld import ToyWorld, score_edit, score_image, score_subject, summarise
+from metaqueries_core.toyworld import EditSample, ToyWorld, score_edit, score_image, score_subject, summarise
 
 from .samples import grid
-from .toy.teach import understanding_accuracy
+from .toy.teach import edit_answer, understanding_accuracy
 
 log = logging.getLogger(__name__)
 EVAL_GUIDANCE = Guidance(scale=5.0, image_scale=1.5)  # the toy job's default
@@ -48,6 +49,45 @@ def _score(kind: str, outputs: list[Image.Image], truths: list, heldout: list[bo
         summary["heldout"].get("all", float("nan")),
     )
     return summary
+
+
+def edit_breakdown(
+    mllm, head, decoder, edits: list[EditSample], outputs: list[Image.Image], size: int, kw: dict, batch: int
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Which side loses an edit, per number of source objects and per operation: `edit` (the image drawn from the
+    instruction and source image is right), `mllm_answer` (the MLLM's greedy answer is the target description it was
+    taught, `edit_answer`: the MLLM side) and `from_description` (the image drawn from that description as a text
+    prompt is right: what the decoder side can draw). An edit is right only when both sides are."""
+    answers: list[str] = []
+    for start in range(0, len(edits), batch):
+        part = edits[start : start + batch]
+        answers += mllm.generate_text(
+            [e.instruction for e in part], [[e.source_image] for e in part], max_new_tokens=48
+        )
+    wants = [edit_answer(e) for e in edits]
+    drawn = _generate_all(mllm, head, decoder, wants, None, size, kw, batch)
+    rows = [
+        (
+            e,
+            {
+                "edit": score_edit(out, e.target_scene)["all"],
+                "mllm_answer": answer.strip() == want,
+                "from_description": score_edit(img, e.target_scene)["all"],
+            },
+        )
+        for e, out, answer, want, img in zip(edits, outputs, answers, wants, drawn)
+    ]
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for name, key in (("by_source_objects", lambda e: str(len(e.source_scene.objects))), ("by_op", lambda e: e.op)):
+        groups: dict[str, list[dict[str, bool]]] = {}
+        for e, row in rows:
+            groups.setdefault(key(e), []).append(row)
+        out[name] = {
+            k: {"n": float(len(g)), **{m: float(np.mean([r[m] for r in g])) for m in g[0]}}
+            for k, g in sorted(groups.items())
+        }
+    log.info("edit by source objects: %s", out["by_source_objects"])
+    return out
 
 
 @torch.no_grad()
@@ -97,6 +137,7 @@ def evaluate(
     )
     heldout = [i < n_edit // 2 for i in range(len(edits))]
     scores["edit"] = _score("edit", outs, [e.target_scene for e in edits], heldout, score_edit)
+    scores["edit_breakdown"] = edit_breakdown(mllm, head, decoder, edits, outs, size, kw, batch)
     shown.append([im for e, o in list(zip(edits, outs))[:4] for im in (e.source_image, o)])
     subj = world.subject_samples("eval_heldout", n_subject // 2) + world.subject_samples(
         "eval_seen", n_subject - n_subject // 2

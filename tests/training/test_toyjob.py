@@ -61,6 +61,12 @@ def test_short_chain_exports_models_scores_and_reuses_stages(tmp_path):
     assert scores["single"]["overall"]["n"] == 2 * 90 and scores["single"]["heldout"]["n"] == 2 * 12
     assert scores["two_object"]["overall"]["n"] == 2 * 4
     assert scores["understanding_unchanged"] is True
+    # the edit breakdown covers the same edits as the edit score, group by group
+    for groups in scores["edit_breakdown"].values():
+        assert sum(g["n"] for g in groups.values()) == 4
+        edit_all = sum(g["n"] * g["edit"] for g in groups.values()) / 4
+        assert edit_all == pytest.approx(scores["edit"]["overall"]["all"])
+        assert all(0.0 <= g[k] <= 1.0 for g in groups.values() for k in ("mllm_answer", "from_description"))
     mllm, head, decoder = load_exported(models)
     assert not any(p.requires_grad for p in mllm.model.parameters())
 
