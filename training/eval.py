@@ -24,7 +24,7 @@ from .samples import grid
 from .toy.teach import edit_answer, understanding_accuracy
 
 log = logging.getLogger(__name__)
-EVAL_GUIDANCE = Guidance(scale=5.0, image_scale=1.5)  # the toy job's default
+EVAL_GUIDANCE = Guidance(scale=5.0, image_scale=5.0)  # the toy job's default
 
 
 def _generate_all(
