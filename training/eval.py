@@ -70,12 +70,12 @@ def edit_breakdown(
         (
             e,
             {
-                "edit": score_edit(out, e.target_scene)["all"],
+                "edit": score_edit(edited, e.target_scene)["all"],
                 "mllm_answer": answer.strip() == want,
                 "from_description": score_edit(img, e.target_scene)["all"],
             },
         )
-        for e, out, answer, want, img in zip(edits, outputs, answers, wants, drawn)
+        for e, edited, answer, want, img in zip(edits, outputs, answers, wants, drawn)
     ]
     out: dict[str, dict[str, dict[str, float]]] = {}
     for name, key in (("by_source_objects", lambda e: str(len(e.source_scene.objects))), ("by_op", lambda e: e.op)):

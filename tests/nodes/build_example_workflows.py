@@ -6,7 +6,7 @@
     python tests/nodes/build_example_workflows.py --thumbnails OUT_DIR/screenshots
         template thumbnails (example_workflows/*.jpg) from a comfy_acceptance.sh run's screenshots
 
-The widgets name the toy-world models and use their sampling settings (32 px, 20 DPM++ steps, guidance 5.0 / 1.5).
+The widgets name the toy-world models and use their sampling settings (32 px, 20 DPM++ steps, guidance 5.0 / 5.0).
 """
 
 from __future__ import annotations
@@ -64,8 +64,8 @@ def _conditioning(g: Graph, mllm: dict, ckpt: dict, key: str, prompt: str, y: in
 
 
 def _sample(g: Graph, dec: dict, pos: tuple[int, int], **values) -> dict:
-    # the toy-world models' own sampling settings (32 px images, 20 DPM++ steps, guidance 5.0 / 1.5)
-    kw = dict(width=32, height=32, steps=20, guidance=5.0, image_guidance=1.5, seed=0, scheduler="dpmpp_2m")
+    # the toy-world models' own sampling settings (32 px images, 20 DPM++ steps, guidance 5.0 / 5.0)
+    kw = dict(width=32, height=32, steps=20, guidance=5.0, image_guidance=5.0, seed=0, scheduler="dpmpp_2m")
     sample = g.add("MetaQueries_DiffusionSample", pos, **{**kw, **values})
     g.connect(dec, "decoder", sample, "decoder")
     save = g.add("SaveImage", (pos[0] + 360, pos[1]), box=300, filename_prefix="metaqueries")
