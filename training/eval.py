@@ -12,16 +12,23 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
 from metaqueries_core.images import tensor_to_pil
 from metaqueries_core.sampling import Guidance, generate
-from metaqueries_core.toyworld import EditSample, ToyWorld, score_edit, score_image, score_subject, summarise
+from metaqueries_core.toyworld import (
+    EditSample,
+    ToyWorld,
+    accuracy_by_group,
+    score_edit,
+    score_image,
+    score_subject,
+    summarise,
+)
 
 from .samples import grid
-from .toy.teach import edit_answer, understanding_accuracy
+from .toy.teach import edit_answer, generate_answers, understanding_accuracy
 
 log = logging.getLogger(__name__)
 EVAL_GUIDANCE = Guidance(scale=5.0, image_scale=5.0)  # the toy job's default
@@ -58,14 +65,9 @@ def edit_breakdown(
     instruction and source image is right), `mllm_answer` (the MLLM's greedy answer is the target description it was
     taught, `edit_answer`: the MLLM side) and `from_description` (the image drawn from that description as a text
     prompt is right: what the decoder side can draw). An edit is right only when both sides are."""
-    answers: list[str] = []
-    for start in range(0, len(edits), batch):
-        part = edits[start : start + batch]
-        answers += mllm.generate_text(
-            [e.instruction for e in part], [[e.source_image] for e in part], max_new_tokens=48
-        )
-    wants = [edit_answer(e) for e in edits]
-    drawn = _generate_all(mllm, head, decoder, wants, None, size, kw, batch)
+    examples = [(e.instruction, [e.source_image], edit_answer(e)) for e in edits]  # as the MLLM was taught them
+    answers = generate_answers(mllm, examples, batch, max_new_tokens=48)
+    drawn = _generate_all(mllm, head, decoder, [want for _, _, want in examples], None, size, kw, batch)
     rows = [
         (
             e,
@@ -75,17 +77,13 @@ def edit_breakdown(
                 "from_description": score_edit(img, e.target_scene)["all"],
             },
         )
-        for e, edited, answer, want, img in zip(edits, outputs, answers, wants, drawn)
+        for e, edited, answer, (_, _, want), img in zip(edits, outputs, answers, examples, drawn)
     ]
-    out: dict[str, dict[str, dict[str, float]]] = {}
-    for name, key in (("by_source_objects", lambda e: str(len(e.source_scene.objects))), ("by_op", lambda e: e.op)):
-        groups: dict[str, list[dict[str, bool]]] = {}
-        for e, row in rows:
-            groups.setdefault(key(e), []).append(row)
-        out[name] = {
-            k: {"n": float(len(g)), **{m: float(np.mean([r[m] for r in g])) for m in g[0]}}
-            for k, g in sorted(groups.items())
-        }
+    groupings = {"by_source_objects": lambda e: str(len(e.source_scene.objects)), "by_op": lambda e: e.op}
+    out = {
+        name: accuracy_by_group(((key(e), row) for e, row in rows), sorted({key(e) for e in edits}))
+        for name, key in groupings.items()
+    }
     log.info("edit by source objects: %s", out["by_source_objects"])
     return out
 

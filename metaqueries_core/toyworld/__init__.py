@@ -7,6 +7,7 @@ combinations that no training image shows, and a detector-free scorer. numpy + p
 
 from .scorer import (
     Component,
+    accuracy_by_group,
     classify_shape,
     detect,
     region_of,
@@ -69,6 +70,7 @@ __all__ = [
     "Scene",
     "SubjectSample",
     "ToyWorld",
+    "accuracy_by_group",
     "all_text",
     "caption",
     "classify_shape",

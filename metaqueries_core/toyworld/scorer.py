@@ -282,18 +282,26 @@ def score_subject(image: Image.Image | np.ndarray, target_scene: Scene) -> dict[
     return _with_all(res)
 
 
+def accuracy_by_group(
+    rows: Iterable[tuple[str, Mapping[str, bool]]], groups: Sequence[str] = ()
+) -> dict[str, dict[str, float]]:
+    """Per-key accuracy of (group, scores) rows, per group: `groups` first (reported even when empty), then the
+    others in the order they appear. Each key's accuracy is over the rows that scored it; `n` counts the group's rows."""
+    grouped: dict[str, list[Mapping[str, bool]]] = {g: [] for g in groups}
+    for group, scores in rows:
+        grouped.setdefault(group, []).append(scores)
+    out: dict[str, dict[str, float]] = {}
+    for name, scored in grouped.items():
+        keys = sorted({k for r in scored for k in r})
+        out[name] = {"n": float(len(scored))}
+        out[name].update({k: float(np.mean([r[k] for r in scored if k in r])) for k in keys})
+    return out
+
+
 def summarise(results: Iterable[tuple[Mapping[str, bool], bool]]) -> dict[str, dict[str, float]]:
     """Per-key accuracy over (scores, heldout) pairs, overall and split into seen / held-out.
 
     Each key's accuracy is over the results that scored it; `n` is the number of results in the group.
     """
-    groups: dict[str, list[Mapping[str, bool]]] = {"overall": [], "seen": [], "heldout": []}
-    for scores, heldout in results:
-        groups["overall"].append(scores)
-        groups["heldout" if heldout else "seen"].append(scores)
-    out: dict[str, dict[str, float]] = {}
-    for name, rows in groups.items():
-        keys = sorted({k for r in rows for k in r})
-        out[name] = {"n": float(len(rows))}
-        out[name].update({k: float(np.mean([r[k] for r in rows if k in r])) for k in keys})
-    return out
+    rows = ((g, scores) for scores, heldout in results for g in ("overall", "heldout" if heldout else "seen"))
+    return accuracy_by_group(rows, ("overall", "seen", "heldout"))

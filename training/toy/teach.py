@@ -211,13 +211,21 @@ def greedy_answers(
     mllm: MLLMAdapter, world: ToyWorld, task: str, split: str, n: int, batch: int, max_new_tokens: int
 ) -> tuple[list[str], list[str]]:
     """The MLLM's greedy answers to the first `n` examples of a teaching task, and the answers it was taught."""
-    answers, wants = [], []
-    for start in range(0, n, batch):
-        examples = [example(world, task, i, split) for i in range(start, min(n, start + batch))]
-        images = [im for _, im, _ in examples] if any(im for _, im, _ in examples) else None
-        answers += mllm.generate_text([p for p, _, _ in examples], images, max_new_tokens=max_new_tokens)
-        wants += [want for _, _, want in examples]
-    return answers, wants
+    examples = [example(world, task, i, split) for i in range(n)]
+    return generate_answers(mllm, examples, batch, max_new_tokens), [want for _, _, want in examples]
+
+
+@torch.no_grad()
+def generate_answers(
+    mllm: MLLMAdapter, examples: list[tuple[str, list, str]], batch: int, max_new_tokens: int
+) -> list[str]:
+    """The MLLM's greedy answers to teaching-format examples (prompt, images, answer), `batch` at a time."""
+    answers: list[str] = []
+    for start in range(0, len(examples), batch):
+        part = examples[start : start + batch]
+        images = [im for _, im, _ in part] if any(im for _, im, _ in part) else None
+        answers += mllm.generate_text([p for p, _, _ in part], images, max_new_tokens=max_new_tokens)
+    return answers
 
 
 def task_accuracy(mllm: MLLMAdapter, world: ToyWorld, task: str, split: str, n: int = 60, batch: int = 30) -> float:
