@@ -46,8 +46,12 @@ def _generate_all(
 
 
 def _score(kind: str, outputs: list[Image.Image], truths: list, heldout: list[bool], scorer: Callable) -> dict:
-    results = [(scorer(img, scene), h) for img, scene, h in zip(outputs, truths, heldout)]
-    summary = summarise(results)
+    return _summarise(kind, [scorer(img, scene) for img, scene in zip(outputs, truths)], heldout)
+
+
+def _summarise(kind: str, scored: list[dict[str, bool]], heldout: list[bool]) -> dict:
+    """`summarise` of per-image scores, logged."""
+    summary = summarise(zip(scored, heldout))
     log.info(
         "%s: all %.3f (seen %.3f, held-out %.3f)",
         kind,
@@ -59,10 +63,10 @@ def _score(kind: str, outputs: list[Image.Image], truths: list, heldout: list[bo
 
 
 def edit_breakdown(
-    mllm, head, decoder, edits: list[EditSample], outputs: list[Image.Image], size: int, kw: dict, batch: int
+    mllm, head, decoder, edits: list[EditSample], edits_right: list[bool], size: int, kw: dict, batch: int
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """Which side loses an edit, per number of source objects and per operation: `edit` (the image drawn from the
-    instruction and source image is right), `mllm_answer` (the MLLM's greedy answer is the target description it was
+    """Which side loses an edit, per number of source objects and per operation: `edit` (`edits_right`: the image
+    drawn from the instruction and source image is right), `mllm_answer` (the MLLM's greedy answer is the target description it was
     taught, `edit_answer`: the MLLM side) and `from_description` (the image drawn from that description as a text
     prompt is right: what the decoder side can draw). An edit is right only when both sides are."""
     examples = [(e.instruction, [e.source_image], edit_answer(e)) for e in edits]  # as the MLLM was taught them
@@ -72,12 +76,12 @@ def edit_breakdown(
         (
             e,
             {
-                "edit": score_edit(edited, e.target_scene)["all"],
+                "edit": right,
                 "mllm_answer": answer.strip() == want,
                 "from_description": score_edit(img, e.target_scene)["all"],
             },
         )
-        for e, edited, answer, (_, _, want), img in zip(edits, outputs, answers, examples, drawn)
+        for e, right, answer, (_, _, want), img in zip(edits, edits_right, answers, examples, drawn)
     ]
     groupings = {"by_source_objects": lambda e: str(len(e.source_scene.objects)), "by_op": lambda e: e.op}
     out = {
@@ -134,8 +138,10 @@ def evaluate(
         mllm, head, decoder, [e.instruction for e in edits], [[e.source_image] for e in edits], size, kw, batch
     )
     heldout = [i < n_edit // 2 for i in range(len(edits))]
-    scores["edit"] = _score("edit", outs, [e.target_scene for e in edits], heldout, score_edit)
-    scores["edit_breakdown"] = edit_breakdown(mllm, head, decoder, edits, outs, size, kw, batch)
+    edit_scores = [score_edit(o, e.target_scene) for o, e in zip(outs, edits)]
+    scores["edit"] = _summarise("edit", edit_scores, heldout)
+    right = [s["all"] for s in edit_scores]
+    scores["edit_breakdown"] = edit_breakdown(mllm, head, decoder, edits, right, size, kw, batch)
     shown.append([im for e, o in list(zip(edits, outs))[:4] for im in (e.source_image, o)])
     subj = world.subject_samples("eval_heldout", n_subject // 2) + world.subject_samples(
         "eval_seen", n_subject - n_subject // 2
