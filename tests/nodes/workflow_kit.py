@@ -141,11 +141,12 @@ class Graph:
             raise KeyError(f"{node_type} has no widgets {sorted(values)}")
         multiline = sum(bool(i and i.options.get("multiline")) for _, i in spec.widgets)
         rows = max(len(spec.sockets), len(spec.outputs)) + len(spec.widgets)
+        preview = 160 if any(i and i.options.get("image_upload") for _, i in spec.widgets) else 0  # the loaded image
         node = {
             "id": len(self.nodes) + 1,
             "type": node_type,
             "pos": list(pos),
-            "size": [box, 40 + 26 * rows + 90 * multiline],
+            "size": [box, 40 + 26 * rows + 90 * multiline + preview],
             "flags": {},
             "order": len(self.nodes),
             "mode": 0,
