@@ -72,6 +72,10 @@ class ToyJobConfig:
     # after every prompt, then read the prompt's canonical restatement word by word (exact for 90 / 90 single and
     # 60 / 60 two-object eval prompts; without: 57% and 47%, two-object slots after "above" repeated the first object)
     teach_answer_noise: float = 0.5
+    # weights of the teaching tasks (describe, restate, qa, edit, subject; toy/teach.py TASKS). Editing multi-object
+    # scenes is the slowest lesson: the default-size MLLM edits described scenes 58 / 60 (held-out) after 6000
+    # edit-only steps, 34 / 60 after 800, so longer-budget runs weigh "edit" more (benchmarks/TOYWORLD.md)
+    teach_weights: tuple[float, ...] = TeachConfig.weights
     # caption kinds of the describe and restate lessons (drawn uniformly, repeats weigh more): the natural mix plus
     # "placed_many", 2-3 objects each at its region, the form of edit targets. Without them the MLLM restated 0 / 120
     # such captions and the decoder could not learn to draw them (benchmarks/TOYWORLD.md, fourth session)
@@ -179,6 +183,7 @@ class ToyJobConfig:
             batch_size=self.teach_batch,
             lr=self.teach_lr,
             answer_noise=self.teach_answer_noise,
+            weights=tuple(self.teach_weights),
             caption_kinds=tuple(self.teach_caption_kinds),
             seed=self.seed,
         )
@@ -213,7 +218,7 @@ STAGE_SETTINGS = {
     "mllm": (
         *("seed", "image_size", "mllm_width", "mllm_layers"),
         *("teach_steps", "teach_restate_first", "teach_batch", "teach_lr", "teach_answer_noise"),
-        "teach_caption_kinds",
+        *("teach_weights", "teach_caption_kinds"),
     ),
     "autoencoder": ("seed", "image_size", "ae_channels", "ae_latent_channels", "ae_steps"),
     "decoder_init": (

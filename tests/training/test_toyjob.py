@@ -15,6 +15,7 @@ from training.toyjob import (
     MLLM_NAME,
     STAMP,
     ToyJobConfig,
+    claim_stage,
     digest,
     load_exported,
     run_config,
@@ -124,11 +125,21 @@ def test_pixel_space_decoder_has_no_autoencoder(tmp_path):
         ("--instruct_lr_scale=0", "instruct_lr_scale"),
         ("--teach_caption_kinds=[placed, crowd]", "caption_kinds"),
         ("--teach_answer_noise=1.0", "answer_noise"),
+        ("--teach_weights=[1, 1]", "one non-negative weight per task"),
     ],
 )
 def test_bad_settings_are_refused_before_any_work(tmp_path, capsys, arg, says):
     assert run_main([f"--out={tmp_path / 'toy'}", arg]) == 2
     assert says in capsys.readouterr().out and not (tmp_path / "toy" / "work").exists()
+
+
+def test_teach_weights_reach_the_teaching_and_its_stage_stamp(tmp_path):
+    cfg = ToyJobConfig(teach_weights=(0.1, 0.1, 0.1, 0.6, 0.1))
+    assert cfg.teach_config().weights == (0.1, 0.1, 0.1, 0.6, 0.1)
+    folder = tmp_path / "mllm"
+    assert not claim_stage(cfg, folder)
+    assert claim_stage(cfg, folder)  # same weights: the taught MLLM is reused
+    assert not claim_stage(ToyJobConfig(), folder)  # other weights: taught again
 
 
 def test_instruct_stage_trains_at_a_share_of_the_pretrain_rates(tmp_path):
