@@ -74,7 +74,8 @@ class ToyJobConfig:
     teach_answer_noise: float = 0.5
     # weights of the teaching tasks (describe, restate, qa, edit, subject; toy/teach.py TASKS). Editing multi-object
     # scenes is the slowest lesson: the default-size MLLM edits described scenes 58 / 60 (held-out) after 6000
-    # edit-only steps, 34 / 60 after 800, so longer-budget runs weigh "edit" more (benchmarks/TOYWORLD.md)
+    # edit-only steps, 34 / 60 after 800, so longer-budget runs can weigh "edit" more (a 50-minute job with edit
+    # weight 0.5 and 8000 steps: edits 0.500 / 0.333 seen / held-out, benchmarks/TOYWORLD.md)
     teach_weights: tuple[float, ...] = TeachConfig.weights
     # caption kinds of the describe and restate lessons (drawn uniformly, repeats weigh more): the natural mix plus
     # "placed_many", 2-3 objects each at its region, the form of edit targets. Without them the MLLM restated 0 / 120
