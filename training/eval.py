@@ -31,7 +31,6 @@ from .samples import grid
 from .toy.teach import edit_answer, generate_answers, understanding_accuracy
 
 log = logging.getLogger(__name__)
-EVAL_GUIDANCE = Guidance(scale=5.0, image_scale=5.0)  # the toy job's default
 
 
 def _generate_all(
@@ -105,7 +104,7 @@ def evaluate(
     n_qa: int = 200,
     samples_per_prompt: int = 1,
     steps: int = 20,
-    guidance: Guidance = EVAL_GUIDANCE,
+    guidance: Guidance,
     seed: int = 0,
     batch: int = 64,
     grid_path: Path | None = None,
@@ -170,8 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=4, help="samples per text-to-image prompt (GenEval: 4)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from .toyjob import load_exported
+    from .toyjob import ToyJobConfig, load_exported
 
+    job = ToyJobConfig()  # sample as the toy job does by default
     mllm, head, decoder = load_exported(args.models)
     scores = evaluate(
         mllm,
@@ -179,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         decoder,
         ToyWorld(size=args.size, seed=args.seed),
         samples_per_prompt=args.samples,
+        steps=job.eval_steps,
+        guidance=job.sampling_guidance(),
         grid_path=(args.out or args.models.parent / "scores.json").with_suffix(".png"),
     )
     out = args.out or args.models.parent / "scores.json"

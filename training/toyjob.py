@@ -177,6 +177,10 @@ class ToyJobConfig:
         if self.decoder_space == "latent":  # refused now, not after the MLLM has been taught
             self.autoencoder_config()
 
+    def sampling_guidance(self) -> Guidance:
+        """The guidance the job scores with (and `python -m training.eval` by default)."""
+        return Guidance(scale=self.guidance, image_scale=self.image_guidance)
+
     def teach_config(self) -> TeachConfig:
         return TeachConfig(
             steps=self.teach_steps,
@@ -437,7 +441,6 @@ def stage_score(cfg: ToyJobConfig, out: Path, models: Path, world: ToyWorld, tea
     from .eval import evaluate
 
     mllm, head, decoder = load_exported(models)
-    guidance = Guidance(scale=cfg.guidance, image_scale=cfg.image_guidance)
     # the frozen MLLM must answer exactly as it did right after teaching, sample by sample
     after = {split: understanding_accuracy(mllm, world, split, cfg.eval_questions) for split in SPLITS}
     scores = evaluate(
@@ -451,7 +454,7 @@ def stage_score(cfg: ToyJobConfig, out: Path, models: Path, world: ToyWorld, tea
         n_qa=cfg.eval_questions,
         samples_per_prompt=cfg.eval_samples,
         steps=cfg.eval_steps,
-        guidance=guidance,
+        guidance=cfg.sampling_guidance(),
         seed=cfg.seed,
         grid_path=out / "samples.png",
         understanding=after,

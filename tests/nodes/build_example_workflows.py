@@ -23,6 +23,8 @@ if __name__ == "__main__":  # run as a script: make the repository and this fold
 from make_example_models import CHECKPOINT_NAME, INPUT_IMAGES, MLLM_NAME, SANA_NAME, SD15_NAME
 from workflow_kit import WORKFLOW_DIR, Graph, check_workflow
 
+from training.toyjob import ToyJobConfig
+
 
 def _note(g: Graph, text: str, pos: tuple[int, int] = (40, 40)) -> None:
     g.add("Note", pos, box=350, title="Models this workflow expects", text=text)
@@ -64,8 +66,10 @@ def _conditioning(g: Graph, mllm: dict, ckpt: dict, key: str, prompt: str, y: in
 
 
 def _sample(g: Graph, dec: dict, pos: tuple[int, int], **values) -> dict:
-    # the toy-world models' own sampling settings (32 px images, 20 DPM++ steps, guidance 5.0 / 5.0)
-    kw = dict(width=32, height=32, steps=20, guidance=5.0, image_guidance=5.0, seed=0, scheduler="dpmpp_2m")
+    # the toy-world models' own sampling settings: the toy job's (32 px images, 20 DPM++ steps, guidance 5.0 / 5.0)
+    job = ToyJobConfig()
+    kw = dict(width=job.image_size, height=job.image_size, steps=job.eval_steps, guidance=job.guidance)
+    kw.update(image_guidance=job.image_guidance, seed=0, scheduler="dpmpp_2m")
     sample = g.add("MetaQueries_DiffusionSample", pos, **{**kw, **values})
     g.connect(dec, "decoder", sample, "decoder")
     save = g.add("SaveImage", (pos[0] + 360, pos[1]), box=300, filename_prefix="metaqueries")
