@@ -65,9 +65,10 @@ def edit_breakdown(
     mllm, head, decoder, edits: list[EditSample], edits_right: list[bool], size: int, kw: dict, batch: int
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Which side loses an edit, per number of source objects and per operation: `edit` (`edits_right`: the image
-    drawn from the instruction and source image is right), `mllm_answer` (the MLLM's greedy answer is the target description it was
-    taught, `edit_answer`: the MLLM side) and `from_description` (the image drawn from that description as a text
-    prompt is right: what the decoder side can draw). An edit is right only when both sides are."""
+    drawn from the instruction and source image is right), `mllm_answer` (the MLLM's greedy answer is the target
+    description it was taught, `edit_answer`: the MLLM side) and `from_description` (the image drawn from that
+    description as a text prompt is right: what the decoder side can draw). An edit is right only when both sides
+    are."""
     examples = [(e.instruction, [e.source_image], edit_answer(e)) for e in edits]  # as the MLLM was taught them
     answers = generate_answers(mllm, examples, batch, max_new_tokens=48)
     drawn = _generate_all(mllm, head, decoder, [want for _, _, want in examples], None, size, kw, batch)
