@@ -99,14 +99,14 @@ def evaluate(
     decoder,
     world: ToyWorld,
     *,
-    n_two: int = 60,
-    n_edit: int = 60,
-    n_subject: int = 40,
-    n_qa: int = 200,
-    samples_per_prompt: int = 1,
-    steps: int = 20,
+    n_two: int,
+    n_edit: int,
+    n_subject: int,
+    n_qa: int,
+    samples_per_prompt: int,
+    steps: int,
     guidance: Guidance,
-    seed: int = 0,
+    seed: int,
     batch: int = 64,
     grid_path: Path | None = None,
     understanding: dict[str, dict] | None = None,
@@ -162,29 +162,33 @@ def evaluate(
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .toyjob import ToyJobConfig, load_exported
+
+    job = ToyJobConfig()  # score as the toy job does by default
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("models", type=Path, help="models folder of a toy job (LLM/, diffusers/, metaqueries/)")
     parser.add_argument("--out", type=Path, default=None, help="scores JSON (default: MODELS/../scores.json)")
-    parser.add_argument("--size", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--samples", type=int, default=4, help="samples per text-to-image prompt (GenEval: 4)")
+    parser.add_argument("--size", type=int, default=job.image_size, help="the job's image_size")
+    parser.add_argument("--seed", type=int, default=job.seed, help="the job's seed (world and sampling)")
+    parser.add_argument(
+        "--samples", type=int, default=job.eval_samples, help="samples per text-to-image prompt (GenEval: 4)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from .toyjob import ToyJobConfig, load_exported
-
-    job = ToyJobConfig()  # sample as the toy job does by default
+    try:
+        job = ToyJobConfig(image_size=args.size, seed=args.seed, eval_samples=args.samples)
+    except ValueError as err:
+        parser.error(str(err))  # exits 2 with the usage and what was wrong
     mllm, head, decoder = load_exported(args.models)
+    out = args.out or args.models.parent / "scores.json"
     scores = evaluate(
         mllm,
         head,
         decoder,
-        ToyWorld(size=args.size, seed=args.seed),
-        samples_per_prompt=args.samples,
-        steps=job.eval_steps,
-        guidance=job.sampling_guidance(),
-        grid_path=(args.out or args.models.parent / "scores.json").with_suffix(".png"),
+        ToyWorld(size=job.image_size, seed=job.seed),
+        **job.eval_settings(),
+        grid_path=out.with_suffix(".png"),
     )
-    out = args.out or args.models.parent / "scores.json"
     out.write_text(json.dumps(scores, indent=2))
     print(json.dumps(scores, indent=2))
     return 0

@@ -181,6 +181,20 @@ class ToyJobConfig:
         """The guidance the job scores with (and `python -m training.eval` by default)."""
         return Guidance(scale=self.guidance, image_scale=self.image_guidance)
 
+    def eval_settings(self) -> dict:
+        """`training.eval.evaluate`'s keyword arguments for how many prompts of each kind, how many samples, and how
+        to sample: the one place both the job's score stage and `python -m training.eval` take them from."""
+        return {
+            "n_two": self.eval_two_object,
+            "n_edit": self.eval_edits,
+            "n_subject": self.eval_subjects,
+            "n_qa": self.eval_questions,
+            "samples_per_prompt": self.eval_samples,
+            "steps": self.eval_steps,
+            "guidance": self.sampling_guidance(),
+            "seed": self.seed,
+        }
+
     def teach_config(self) -> TeachConfig:
         return TeachConfig(
             steps=self.teach_steps,
@@ -448,14 +462,7 @@ def stage_score(cfg: ToyJobConfig, out: Path, models: Path, world: ToyWorld, tea
         head,
         decoder,
         world,
-        n_two=cfg.eval_two_object,
-        n_edit=cfg.eval_edits,
-        n_subject=cfg.eval_subjects,
-        n_qa=cfg.eval_questions,
-        samples_per_prompt=cfg.eval_samples,
-        steps=cfg.eval_steps,
-        guidance=cfg.sampling_guidance(),
-        seed=cfg.seed,
+        **cfg.eval_settings(),
         grid_path=out / "samples.png",
         understanding=after,
     )
