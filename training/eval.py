@@ -1,6 +1,8 @@
 """GenEval-style scoring of a MetaQuery model in the toy world, plus the frozen MLLM's understanding accuracy.
 
-`python -m training.eval MODELS_DIR` scores the models a toy job exported (MLLM folder, decoder folder, checkpoint).
+`python -m training.eval MODELS_DIR [--key=value ...]` scores the models a toy job exported (MLLM folder, decoder
+folder, checkpoint) with that job's settings (its `toyjob.yaml` next to MODELS_DIR; the defaults without one), any
+ToyJobConfig field overridden like the job's own (`--eval_samples=1`, `--seed=1`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from metaqueries_core.toyworld import (
     summarise,
 )
 
+from .config_io import ConfigError, load_config
 from .samples import grid
 from .toy.teach import edit_answer, generate_answers, understanding_accuracy
 
@@ -162,24 +165,28 @@ def evaluate(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .toyjob import ToyJobConfig, load_exported
-
-    job = ToyJobConfig()  # score as the toy job does by default
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m training.eval",
+        description=__doc__,
+        epilog="Any other --key=value overrides a ToyJobConfig field (e.g. --eval_samples=1 --image_guidance=3).",
+    )
     parser.add_argument("models", type=Path, help="models folder of a toy job (LLM/, diffusers/, metaqueries/)")
     parser.add_argument("--out", type=Path, default=None, help="scores JSON (default: MODELS/../scores.json)")
-    parser.add_argument("--size", type=int, default=job.image_size, help="the job's image_size")
-    parser.add_argument("--seed", type=int, default=job.seed, help="the job's seed (world and sampling)")
-    parser.add_argument(
-        "--samples", type=int, default=job.eval_samples, help="samples per text-to-image prompt (GenEval: 4)"
-    )
-    args = parser.parse_args(argv)
+    args, overrides = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from .toyjob import JOB_RECORD, ToyJobConfig, load_exported
+
+    # score as the job that exported these models did: its settings record sits next to its models folder
+    record = args.models.parent / JOB_RECORD
     try:
-        job = ToyJobConfig(image_size=args.size, seed=args.seed, eval_samples=args.samples)
-    except ValueError as err:
+        job = load_config(ToyJobConfig, record if record.is_file() else None, overrides)
+    except ConfigError as err:
         parser.error(str(err))  # exits 2 with the usage and what was wrong
-    mllm, head, decoder = load_exported(args.models)
+    log.info("scoring with %s", f"the settings in {record}" if record.is_file() else "the default job's settings")
+    try:
+        mllm, head, decoder = load_exported(args.models)
+    except FileNotFoundError as err:
+        parser.error(f"{err} (MODELS is the models/ folder a toy job exported, e.g. outputs/toy/models)")
     out = args.out or args.models.parent / "scores.json"
     scores = evaluate(
         mllm,

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 MLLM_NAME = "metaqueries-toy-qwen2_5_vl"
 DECODER_NAME = "metaqueries-toy-sana"
 CHECKPOINT_NAME = "metaqueries-toy.safetensors"
+JOB_RECORD = "toyjob.yaml"  # the resolved settings, next to models/ (python -m training.eval scores with them)
 SPLITS = ("eval_seen", "eval_heldout")
 SYSTEM_PROMPT = "Describe the image or caption."  # short: the toy MLLM is small and every token costs CPU time
 
@@ -484,7 +485,7 @@ def run_toy_job(argv: list[str]) -> int:
     out = Path(cfg.out)
     work, models = out / "work", out / "models"
     work.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "toyjob.yaml")
+    save_config(cfg, out / JOB_RECORD)
     t0 = time.perf_counter()
     world = ToyWorld(size=cfg.image_size, seed=cfg.seed)
     mllm = stage_teach(cfg, work, world)

@@ -8,8 +8,6 @@ from dataclasses import replace
 
 import pytest
 
-from metaqueries_core.toyworld import ToyWorld
-from training.eval import evaluate
 from training.eval import main as eval_main
 from training.run import main as run_main
 from training.toyjob import (
@@ -73,9 +71,10 @@ def test_short_chain_exports_models_scores_and_reuses_stages(tmp_path):
         assert all(0.0 <= g[k] <= 1.0 for g in groups.values() for k in ("mllm_answer", "from_description"))
     mllm, head, decoder = load_exported(models)
     assert not any(p.requires_grad for p in mllm.model.parameters())
-    # scoring the exported models again with the job's settings gives the job's scores
-    job = ToyJobConfig(**{k: int(v) for k, v in (a[2:].split("=") for a in TINY if a.startswith("--eval_"))})
-    again = evaluate(mllm, head, decoder, ToyWorld(job.image_size, job.seed), **job.eval_settings())
+    # python -m training.eval scores the exported models again with the job's own settings (its toyjob.yaml: the
+    # short prompt counts above, not the defaults) and gets the job's scores
+    assert eval_main([str(models), f"--out={tmp_path / 'again.json'}"]) == 0
+    again = json.loads((tmp_path / "again.json").read_text())
     for task in ("single", "two_object", "edit", "edit_breakdown", "subject", "understanding"):
         assert again[task] == scores[task], task
 
@@ -162,10 +161,14 @@ def test_instruct_stage_trains_at_a_share_of_the_pretrain_rates(tmp_path):
     assert optim(replace(cfg, decoder_lr=None), "instruct").decoder_lr is None
 
 
-def test_eval_cli_refuses_bad_settings_before_loading(tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("arg", "says"),
+    [("--eval_samples=0", "eval_samples"), ("--eval_sample=2", "eval_sample"), ("--seed=1", "does not exist")],
+)
+def test_eval_cli_refuses_bad_settings_and_missing_models(tmp_path, capsys, arg, says):
     with pytest.raises(SystemExit) as exit_:
-        eval_main([str(tmp_path / "no-models"), "--samples=0"])
-    assert exit_.value.code == 2 and "eval_samples" in capsys.readouterr().err
+        eval_main([str(tmp_path / "no-models"), arg])
+    assert exit_.value.code == 2 and says in capsys.readouterr().err
 
 
 def test_unknown_toy_option_is_refused(tmp_path, capsys):
