@@ -26,7 +26,7 @@ from metaqueries_core.decoders import load_decoder
 from metaqueries_core.decoders.tiny import write_tiny_sana
 from metaqueries_core.mllm import load_mllm
 from metaqueries_core.sampling import Guidance
-from metaqueries_core.tinykit import TinySize, write_tiny_mllm
+from metaqueries_core.tinykit import TinySize, check_tiny_size, write_tiny_mllm
 from metaqueries_core.toyworld import ToyWorld, all_text
 from metaqueries_core.toyworld.world import CAPTION_LAYOUTS
 
@@ -46,12 +46,27 @@ from .toy.teach import TeachConfig, teach, understanding_accuracy
 
 log = logging.getLogger(__name__)
 
-MLLM_NAME = "metaqueries-toy-qwen2_5_vl"
+MLLM_FAMILY = "qwen2_5_vl"  # the tiny MLLM's transformers family (tinykit preset)
+MLLM_NAME = f"metaqueries-toy-{MLLM_FAMILY}"
 DECODER_NAME = "metaqueries-toy-sana"
 CHECKPOINT_NAME = "metaqueries-toy.safetensors"
 JOB_RECORD = "toyjob.yaml"  # the resolved settings, next to models/ (python -m training.eval scores with them)
 SPLITS = ("eval_seen", "eval_heldout")
 SYSTEM_PROMPT = "Describe the image or caption."  # short: the toy MLLM is small and every token costs CPU time
+
+
+# settings that must be >= 1, and the eval counts split half held-out, half seen (so >= 2)
+_POSITIVE = (
+    *("mllm_width", "mllm_layers", "teach_batch", "num_queries", "connector_depth", "ae_latent_channels"),
+    *("ae_steps", "decoder_layers", "decoder_heads", "decoder_head_dim", "batch_size", "pretrain_steps"),
+    *("eval_questions", "eval_samples", "eval_steps"),
+)
+_HALVED = ("eval_two_object", "eval_edits", "eval_subjects")
+_WHY = {
+    "eval_samples": " (samples per text-to-image prompt)",
+    "instruct_steps": " (0 skips the instruct stage)",
+    **{name: " (half from held-out, half from seen sources)" for name in _HALVED},
+}
 
 
 @dataclass
@@ -164,19 +179,57 @@ class ToyJobConfig:
     force: bool = False  # redo every stage even when its output exists
 
     def __post_init__(self) -> None:
+        """Every setting is checked here, before any work: a bad one is refused with what is allowed, never found
+        minutes into the job (or deep inside a model)."""
+        self._check_ranges()
+        if self.caption_mix is not None:
+            check_caption_mix(self.caption_mix)
+        ToyWorld(size=self.image_size, seed=self.seed)
+        check_tiny_size(MLLM_FAMILY, mllm_size(self))
+        try:
+            self.teach_config()
+        except ValueError as err:
+            raise ValueError(f"teaching (the teach_* settings): {err}") from err
+        if self.decoder_space == "latent":
+            self.autoencoder_config()
+        factor, patch = self.decoder_factor_and_patch()
+        if self.image_size % (factor * patch):
+            raise ValueError(
+                f"image_size {self.image_size} must be a multiple of {factor * patch}: the decoder's patch "
+                f"({patch}) times the autoencoder's downsampling ({factor}; 1 on pixels)"
+            )
+        for stage in ("pretrain", "instruct") if self.instruct_steps else ("pretrain",):
+            try:
+                run_config(self, Path(self.out) / "work", stage, Path("mllm"), Path("decoder"), None)
+            except ValueError as err:
+                raise ValueError(f"the {stage} stage's training config refuses these settings: {err}") from err
+
+    def _check_ranges(self) -> None:
+        at_least = {name: 1 for name in _POSITIVE} | {name: 2 for name in _HALVED} | {"instruct_steps": 0}
+        for name, low in at_least.items():
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}{_WHY.get(name, '')}")
+        for name in ("teach_lr", "lr", "queries_lr", "decoder_lr"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("guidance", "image_guidance"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (1: no guidance), got {getattr(self, name)}")
+        if self.decoder_patch is not None and self.decoder_patch < 1:
+            raise ValueError(
+                f"decoder_patch must be >= 1 (or None: 1 on latents, 2 on pixels), got {self.decoder_patch}"
+            )
         if not 0.0 <= self.head_hold < 1.0:
             raise ValueError(f"head_hold is a fraction of the pretrain steps in [0, 1), got {self.head_hold}")
         if not 0.0 < self.instruct_lr_scale <= 1.0:
             raise ValueError(
                 f"instruct_lr_scale is a share of pretrain's rates in (0, 1], got {self.instruct_lr_scale}"
             )
-        if self.eval_samples < 1:
-            raise ValueError(f"eval_samples (samples per text-to-image prompt) must be >= 1, got {self.eval_samples}")
-        if self.caption_mix is not None:
-            check_caption_mix(self.caption_mix)
-        self.teach_config()  # refused now, not part-way through the job
-        if self.decoder_space == "latent":  # refused now, not after the MLLM has been taught
-            self.autoencoder_config()
+
+    def decoder_factor_and_patch(self) -> tuple[int, int]:
+        """The autoencoder's downsampling factor (1 on pixels) and the decoder's patch size."""
+        latent = self.decoder_space == "latent"
+        return (2 ** (len(self.ae_channels) - 1) if latent else 1), self.decoder_patch or (1 if latent else 2)
 
     def sampling_guidance(self) -> Guidance:
         """The guidance the job scores with (and `python -m training.eval` by default)."""
@@ -305,7 +358,7 @@ def stage_teach(cfg: ToyJobConfig, work: Path, world: ToyWorld) -> Path:
         log.info("teach: reusing %s", folder)
         return folder
     t0 = time.perf_counter()
-    write_tiny_mllm("qwen2_5_vl", folder, size=mllm_size(cfg), texts=[*all_text(), SYSTEM_PROMPT], seed=cfg.seed)
+    write_tiny_mllm(MLLM_FAMILY, folder, size=mllm_size(cfg), texts=[*all_text(), SYSTEM_PROMPT], seed=cfg.seed)
     mllm = load_mllm(folder, system_prompt=SYSTEM_PROMPT)
     losses = teach(mllm, world, cfg.teach_config())
     mllm.model.save_pretrained(folder)
@@ -340,7 +393,7 @@ def stage_decoder_init(cfg: ToyJobConfig, work: Path, world: ToyWorld) -> Path:
     if claim_stage(cfg, folder, (ae,) if ae else ()) and (folder / "model_index.json").is_file():
         return folder
     vae = AutoencoderDC.from_pretrained(ae) if ae else None
-    factor = 2 ** (len(cfg.ae_channels) - 1) if ae else 1
+    factor, patch = cfg.decoder_factor_and_patch()
     write_tiny_sana(
         folder,
         caption_channels=cfg.mllm_width,
@@ -348,7 +401,7 @@ def stage_decoder_init(cfg: ToyJobConfig, work: Path, world: ToyWorld) -> Path:
         num_layers=cfg.decoder_layers,
         num_attention_heads=cfg.decoder_heads,
         attention_head_dim=cfg.decoder_head_dim,
-        patch_size=cfg.decoder_patch or (1 if vae else 2),
+        patch_size=patch,
         pixel_space=vae is None,
         vae=vae,
         interpolation_scale=1.0 if cfg.decoder_pos_embed else None,

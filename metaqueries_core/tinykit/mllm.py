@@ -186,12 +186,35 @@ TINY_MLLMS: dict[str, Callable[[TinySize, Iterable[str]], tuple[torch.nn.Module,
 }
 
 
+def check_tiny_size(family: str, size: TinySize) -> None:
+    """Refuse, with the rule it breaks, a family or size the transformers classes cannot be built at (checked before
+    any work, not deep inside a model's forward)."""
+    if family not in TINY_MLLMS:
+        raise ValueError(f"no tiny preset for MLLM family {family!r}; available: {sorted(TINY_MLLMS)}")
+    if min(size.width, size.layers, size.heads, size.kv_heads, size.vision_layers, size.patch) < 1:
+        raise ValueError(f"every size must be >= 1, got {size}")
+    if size.width % size.heads or size.heads % size.kv_heads:
+        raise ValueError(
+            f"width {size.width} must split evenly into {size.heads} heads, and the heads into {size.kv_heads} "
+            "key/value groups"
+        )
+    head = size.width // size.heads
+    if head % 2:
+        raise ValueError(
+            f"the head size (width {size.width} / {size.heads} heads = {head}) must be even for rotary positions"
+        )
+    if family in ("qwen2_5_vl", "qwen2_vl") and head % 16:
+        raise ValueError(
+            f"{family}: the head size (width {size.width} / {size.heads} heads = {head}) must be a multiple of 16 "
+            f"for its multimodal rotary sections: use a width that is a multiple of {16 * size.heads}"
+        )
+
+
 def write_tiny_mllm(
     family: str, folder: str | Path, *, size: TinySize = TinySize(), texts: Iterable[str] = (), seed: int = 0
 ) -> Path:
     """Build a tiny model of `family` (a `config.model_type`) and save model, tokenizer and image processor."""
-    if family not in TINY_MLLMS:
-        raise ValueError(f"no tiny preset for MLLM family {family!r}; available: {sorted(TINY_MLLMS)}")
+    check_tiny_size(family, size)
     torch.manual_seed(seed)
     model, tokenizer, image_processor = TINY_MLLMS[family](size, list(texts))
     folder = Path(folder)

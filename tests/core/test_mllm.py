@@ -11,6 +11,7 @@ from mq_testutil import MLLM_FAMILIES, VISION_FAMILIES
 from PIL import Image
 
 from metaqueries_core.mllm import MLLM_ADAPTERS, load_mllm
+from metaqueries_core.tinykit import TinySize, write_tiny_mllm
 
 N = 6
 
@@ -165,3 +166,24 @@ def test_folder_that_is_not_a_model(tmp_path):
 def test_understanding_generate_runs(mllm_loader, family):
     out = mllm_loader(family).generate_text(["what colour is it?"], [[red()]], max_new_tokens=3)
     assert len(out) == 1 and isinstance(out[0], str)
+
+
+@pytest.mark.parametrize(
+    ("family", "size", "says"),
+    [
+        ("qwen2_5_vl", TinySize(width=80, heads=4), "multiple of 64"),  # head 20: no whole mrope sections
+        ("qwen2_vl", TinySize(width=96, heads=4), "multiple of 16"),  # head 24: even, but not mrope's multiple of 16
+        ("qwen2", TinySize(width=60, heads=4, kv_heads=3), "key/value groups"),
+        ("qwen3", TinySize(width=60, heads=4, kv_heads=2), "even for rotary"),  # head 15
+        ("llava", TinySize(), "available"),
+    ],
+)
+def test_tiny_sizes_the_classes_cannot_take_are_refused_before_building(tmp_path, family, size, says):
+    with pytest.raises(ValueError, match=says):
+        write_tiny_mllm(family, tmp_path / "m", size=size)
+    assert not (tmp_path / "m").exists()
+
+
+def test_text_family_takes_a_head_size_mrope_would_refuse(tmp_path):
+    folder = write_tiny_mllm("qwen2", tmp_path / "m", size=TinySize(width=96, heads=4), texts=["a red circle"])
+    assert load_mllm(folder).width == 96

@@ -133,6 +133,16 @@ def test_pixel_space_decoder_has_no_autoencoder(tmp_path):
         ("--teach_caption_kinds=[placed, crowd]", "caption_kinds"),
         ("--teach_answer_noise=1.0", "answer_noise"),
         ("--teach_weights=[1, 1]", "one non-negative weight per task"),
+        ("--pretrain_steps=-1", "pretrain_steps must be >= 1"),
+        ("--instruct_steps=-1", "0 skips the instruct stage"),
+        ("--num_queries=0", "num_queries must be >= 1"),
+        ("--eval_edits=1", "half from held-out, half from seen"),
+        ("--lr=0", "lr must be > 0"),
+        ("--guidance=-1", "guidance must be >= 0"),
+        ("--image_size=30", "at least 32"),
+        ("--mllm_width=80", "multiple of 64"),
+        ("--decoder_patch=3", "must be a multiple of 12"),
+        ("--train_shift=0", "pretrain stage's training config refuses"),
     ],
 )
 def test_bad_settings_are_refused_before_any_work(tmp_path, capsys, arg, says):
