@@ -80,13 +80,18 @@ def _ids(tok: Any, *names: str) -> list[int]:
     return [tok.convert_tokens_to_ids(n) for n in names]
 
 
+def _mrope_section(head_dim: int) -> list[int]:
+    """Rotary frequencies per (time, height, width) for a head of `head_dim`: upstream's [16, 24, 24] of 128, scaled.
+    They must add up to head_dim / 2, which takes a head size that is a multiple of 16 (`check_tiny_size`)."""
+    return [head_dim // 8, head_dim * 3 // 16, head_dim * 3 // 16]
+
+
 def _qwen_vl(size: TinySize, texts: Iterable[str], v25: bool) -> tuple[torch.nn.Module, Any, Any]:
     tok = _chat_tokenizer(QWEN_SPECIALS, templates.QWEN_VL, size, texts)
     pad, eos, image, video, vstart = _ids(
         tok, "<|endoftext|>", "<|im_end|>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>"
     )
-    head_dim = size.width // size.heads
-    mrope = [head_dim // 8, head_dim * 3 // 16, head_dim * 3 // 16]  # sums to head_dim / 2, as upstream's [16, 24, 24]
+    mrope = _mrope_section(size.width // size.heads)
     text = _text_config(
         size, len(tok), rope_scaling={"type": "mrope", "mrope_section": mrope}, bos_token_id=pad, eos_token_id=eos
     )
@@ -203,7 +208,7 @@ def check_tiny_size(family: str, size: TinySize) -> None:
         raise ValueError(
             f"the head size (width {size.width} / {size.heads} heads = {head}) must be even for rotary positions"
         )
-    if family in ("qwen2_5_vl", "qwen2_vl") and head % 16:
+    if family in ("qwen2_5_vl", "qwen2_vl") and 2 * sum(_mrope_section(head)) != head:
         raise ValueError(
             f"{family}: the head size (width {size.width} / {size.heads} heads = {head}) must be a multiple of 16 "
             f"for its multimodal rotary sections: use a width that is a multiple of {16 * size.heads}"
