@@ -178,11 +178,12 @@ def main(argv: list[str] | None = None) -> int:
 
     # score as the job that exported these models did: its settings record sits next to its models folder
     record = args.models.parent / JOB_RECORD
+    found = record if record.is_file() else None
     try:
-        job = load_config(ToyJobConfig, record if record.is_file() else None, overrides)
+        job = load_config(ToyJobConfig, found, overrides)
     except ConfigError as err:
         parser.error(str(err))  # exits 2 with the usage and what was wrong
-    log.info("scoring with %s", f"the settings in {record}" if record.is_file() else "the default job's settings")
+    log.info("scoring with %s", f"the settings in {found}" if found else "the default job's settings")
     try:
         mllm, head, decoder = load_exported(args.models)
     except FileNotFoundError as err:
