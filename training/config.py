@@ -9,6 +9,9 @@ from typing import Literal
 from metaqueries_core.mllm import DEFAULT_SYSTEM_PROMPT
 from metaqueries_core.toyworld.world import CAPTION_KINDS
 
+from .bounds import above, at_least, within
+from .data.transforms import validate_buckets
+
 
 @dataclass
 class ConnectorSection:
@@ -25,6 +28,14 @@ class ConnectorSection:
     # a learned embedding per query slot on the output (metaqueries_core.connector.ConnectorConfig.num_slots): off
     # in the reference; the toy world's two-object prompts need it to bind colours to shapes
     slot_embed: bool = False
+
+    def __post_init__(self) -> None:
+        at_least("model.connector.depth", self.depth, 0, " (0: the projection alone)")
+        at_least("model.connector.width", self.width, 1, " (or null: the MLLM width)")
+        at_least("model.connector.heads", self.heads, 1, " (or null: width // 64)")
+        above("model.connector.mlp_ratio", self.mlp_ratio, 0)
+        above("model.connector.out_norm_scale", self.out_norm_scale, 0, " (or null: sqrt(5.5) for Sana, 1 for SD1.5)")
+        above("model.connector.init_std", self.init_std, 0)
 
 
 @dataclass
@@ -47,10 +58,10 @@ class ModelSection:
     train_shift: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.num_queries < 1:
-            raise ValueError(f"model.num_queries must be >= 1, got {self.num_queries}")
-        if self.train_shift <= 0:
-            raise ValueError(f"model.train_shift must be > 0 (1.0 = uniform noise levels), got {self.train_shift}")
+        at_least("model.num_queries", self.num_queries, 1)
+        at_least("model.max_prompt_tokens", self.max_prompt_tokens, 1)
+        at_least("model.lora_rank", self.lora_rank, 1)
+        above("model.train_shift", self.train_shift, 0, " (1.0 = uniform noise levels)")
 
 
 @dataclass
@@ -74,6 +85,9 @@ class DataSection:
     latent_cache_dir: str | None = None  # None: OUTPUT_DIR/latent_cache; a shared folder lets runs reuse one cache
 
     def __post_init__(self) -> None:
+        at_least("data.resolution", self.resolution, 1)
+        if self.buckets is not None:
+            validate_buckets([tuple(b) for b in self.buckets])
         shares = {
             "toyworld_subject_fraction": self.toyworld_subject_fraction,
             "toyworld_caption_fraction": self.toyworld_caption_fraction,
@@ -108,8 +122,16 @@ class OptimSection:
     head_hold_steps: int = 0
 
     def __post_init__(self) -> None:
-        if self.head_hold_steps < 0:
-            raise ValueError(f"optim.head_hold_steps must be >= 0, got {self.head_hold_steps}")
+        above("optim.lr", self.lr, 0)
+        at_least("optim.queries_lr", self.queries_lr, 0, " (0 keeps the queries as they start; null: optim.lr)")
+        at_least("optim.decoder_lr", self.decoder_lr, 0, " (0 keeps the decoder as it starts; null: optim.lr)")
+        for i, beta in enumerate(self.betas):
+            within(f"optim.betas[{i}]", beta, 0.0, 1.0, high_open=True)
+        at_least("optim.weight_decay", self.weight_decay, 0)
+        at_least("optim.grad_clip", self.grad_clip, 0, " (0: no clipping)")
+        at_least("optim.warmup_steps", self.warmup_steps, 0)
+        within("optim.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0, why=" (the share of optim.lr the cosine ends at)")
+        at_least("optim.head_hold_steps", self.head_hold_steps, 0)
 
 
 @dataclass
@@ -146,8 +168,14 @@ class TrainSection:
                 raise ValueError(f"train.{name} must be in [0, 1], got {p}")
         if self.drop_caption + self.drop_both + self.drop_images > 1.0:
             raise ValueError("train.drop_caption + drop_both + drop_images must not exceed 1")
-        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
-            raise ValueError("train.steps, batch_size and grad_accum must be >= 1")
+        for name in ("steps", "batch_size", "grad_accum", "keep_checkpoints", "sample_steps", "log_every"):
+            at_least(f"train.{name}", getattr(self, name), 1)
+        at_least("train.checkpoint_every", self.checkpoint_every, 0, " (0: only the final export)")
+        at_least("train.sample_every", self.sample_every, 0, " (0: never)")
+        for name in ("guidance", "image_guidance"):
+            at_least(f"train.{name}", getattr(self, name), 0, " (1: no guidance)")
+        if self.sample_every and not self.sample_prompts:
+            raise ValueError("train.sample_prompts is empty while train.sample_every > 0: give prompts or set 0")
 
 
 @dataclass

@@ -30,6 +30,7 @@ from metaqueries_core.tinykit import TinySize, check_tiny_size, write_tiny_mllm
 from metaqueries_core.toyworld import ToyWorld, all_text
 from metaqueries_core.toyworld.world import CAPTION_LAYOUTS
 
+from .bounds import above, at_least, within
 from .config import (
     ConnectorSection,
     DataSection,
@@ -205,26 +206,18 @@ class ToyJobConfig:
                 raise ValueError(f"the {stage} stage's training config refuses these settings: {err}") from err
 
     def _check_ranges(self) -> None:
-        at_least = {name: 1 for name in _POSITIVE} | {name: 2 for name in _HALVED} | {"instruct_steps": 0}
-        for name, low in at_least.items():
-            if getattr(self, name) < low:
-                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}{_WHY.get(name, '')}")
+        minimum = {name: 1 for name in _POSITIVE} | {name: 2 for name in _HALVED} | {"instruct_steps": 0}
+        for name, low in minimum.items():
+            at_least(name, getattr(self, name), low, _WHY.get(name, ""))
         for name in ("teach_lr", "lr", "queries_lr", "decoder_lr"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+            above(name, getattr(self, name), 0)
         for name in ("guidance", "image_guidance"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0 (1: no guidance), got {getattr(self, name)}")
-        if self.decoder_patch is not None and self.decoder_patch < 1:
-            raise ValueError(
-                f"decoder_patch must be >= 1 (or None: 1 on latents, 2 on pixels), got {self.decoder_patch}"
-            )
-        if not 0.0 <= self.head_hold < 1.0:
-            raise ValueError(f"head_hold is a fraction of the pretrain steps in [0, 1), got {self.head_hold}")
-        if not 0.0 < self.instruct_lr_scale <= 1.0:
-            raise ValueError(
-                f"instruct_lr_scale is a share of pretrain's rates in (0, 1], got {self.instruct_lr_scale}"
-            )
+            at_least(name, getattr(self, name), 0, " (1: no guidance)")
+        at_least("decoder_patch", self.decoder_patch, 1, " (or None: 1 on latents, 2 on pixels)")
+        within("head_hold", self.head_hold, 0.0, 1.0, high_open=True, why=" (a fraction of the pretrain steps)")
+        within(
+            "instruct_lr_scale", self.instruct_lr_scale, 0.0, 1.0, low_open=True, why=" (a share of pretrain's rates)"
+        )
 
     def decoder_factor_and_patch(self) -> tuple[int, int]:
         """The autoencoder's downsampling factor (1 on pixels) and the decoder's patch size."""

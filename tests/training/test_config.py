@@ -1,0 +1,98 @@
+"""`training.config`: every range a run depends on is refused when the config is read, naming the key and the range,
+before any model is loaded (until this check, a negative lr trained uphill, a negative grad_clip flipped every
+gradient, and log_every=0 crashed at the first step)."""
+
+from pathlib import Path
+
+import pytest
+
+from training.bounds import above, at_least, within
+from training.config import RunConfig
+from training.config_io import ConfigError, load_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_passes_its_checks(path):
+    assert isinstance(load_config(RunConfig, path, []), RunConfig)
+
+
+def test_shipped_configs_were_found():
+    assert len(CONFIGS) >= 5
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("--optim.lr=-1", "optim.lr must be > 0, got -1.0"),
+        ("--optim.lr=0", "optim.lr must be > 0, got 0.0"),
+        ("--optim.queries_lr=-0.1", "optim.queries_lr must be >= 0, got -0.1"),
+        ("--optim.decoder_lr=-1", "optim.decoder_lr must be >= 0"),
+        ("--optim.betas=[0.9,1.0]", r"optim.betas\[1\] must be in \[0.0, 1.0\), got 1.0"),
+        ("--optim.weight_decay=-0.05", "optim.weight_decay must be >= 0"),
+        ("--optim.grad_clip=-0.5", r"optim.grad_clip must be >= 0, got -0.5 \(0: no clipping\)"),
+        ("--optim.warmup_steps=-1", "optim.warmup_steps must be >= 0"),
+        ("--optim.min_lr_ratio=1.5", r"optim.min_lr_ratio must be in \[0.0, 1.0\], got 1.5"),
+        ("--optim.head_hold_steps=-1", "optim.head_hold_steps must be >= 0"),
+        ("--model.num_queries=0", "model.num_queries must be >= 1"),
+        ("--model.max_prompt_tokens=0", "model.max_prompt_tokens must be >= 1"),
+        ("--model.lora_rank=0", "model.lora_rank must be >= 1"),
+        ("--model.train_shift=0", "model.train_shift must be > 0"),
+        ("--model.connector.depth=-1", "model.connector.depth must be >= 0"),
+        ("--model.connector.width=0", "model.connector.width must be >= 1"),
+        ("--model.connector.heads=0", "model.connector.heads must be >= 1"),
+        ("--model.connector.mlp_ratio=0", "model.connector.mlp_ratio must be > 0"),
+        ("--model.connector.out_norm_scale=-1", "model.connector.out_norm_scale must be > 0"),
+        ("--model.connector.init_std=0", "model.connector.init_std must be > 0"),
+        ("--data.resolution=0", "data.resolution must be >= 1"),
+        ("--data.buckets=[[512,-512]]", r"each bucket must be a \(width, height\) pair of positive ints"),
+        ("--data.buckets=[]", "the bucket list is empty"),
+        ("--train.steps=0", "train.steps must be >= 1"),
+        ("--train.grad_accum=0", "train.grad_accum must be >= 1"),
+        ("--train.keep_checkpoints=0", "train.keep_checkpoints must be >= 1"),
+        ("--train.sample_steps=0", "train.sample_steps must be >= 1"),
+        ("--train.log_every=0", "train.log_every must be >= 1"),
+        ("--train.checkpoint_every=-1", r"train.checkpoint_every must be >= 0, got -1 \(0: only the final export\)"),
+        ("--train.sample_every=-1", r"train.sample_every must be >= 0, got -1 \(0: never\)"),
+        ("--train.guidance=-2", "train.guidance must be >= 0"),
+        ("--train.image_guidance=-1", "train.image_guidance must be >= 0"),
+        ("--train.sample_prompts=[]", "train.sample_prompts is empty while train.sample_every > 0"),
+    ],
+)
+def test_out_of_range_values_are_refused_by_name(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(RunConfig, None, [override])
+
+
+def test_the_edge_values_that_mean_something_are_accepted():
+    cfg = load_config(
+        RunConfig,
+        None,
+        [
+            "--model.connector.depth=0",  # the projection alone
+            "--optim.grad_clip=0",  # no clipping
+            "--optim.queries_lr=0",  # queries kept as they start
+            "--optim.warmup_steps=0",
+            "--optim.min_lr_ratio=0",
+            "--train.checkpoint_every=0",  # only the final export
+            "--train.sample_every=0",  # never sample, so no prompts are needed
+            "--train.sample_prompts=[]",
+        ],
+    )
+    assert (cfg.model.connector.depth, cfg.optim.grad_clip, cfg.optim.queries_lr) == (0, 0.0, 0.0)
+    assert (cfg.train.checkpoint_every, cfg.train.sample_every, cfg.train.sample_prompts) == (0, 0, [])
+
+
+def test_bounds_pass_none_and_the_closed_ends_and_refuse_the_open_ones():
+    for check in (lambda v: at_least("x", v, 1), lambda v: above("x", v, 0), lambda v: within("x", v, 0, 1)):
+        check(None)  # unset: the documented default applies
+    at_least("x", 1, 1)
+    within("x", 0.0, 0.0, 1.0)
+    within("x", 1.0, 0.0, 1.0)
+    with pytest.raises(ValueError, match=r"x must be in \(0.0, 1.0\], got 0.0 \(why\)"):
+        within("x", 0.0, 0.0, 1.0, low_open=True, why=" (why)")
+    with pytest.raises(ValueError, match=r"x must be in \[0.0, 1.0\), got 1.0"):
+        within("x", 1.0, 0.0, 1.0, high_open=True)
+    with pytest.raises(ValueError, match="x must be > 0, got 0"):
+        above("x", 0, 0)
