@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .connector import ConnectorConfig
@@ -89,8 +89,13 @@ def read_config(path: str | Path) -> MetaQueryConfig:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"MetaQuery checkpoint {str(path)!r} does not exist")
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except SafetensorError as e:
+        raise ValueError(
+            f"{str(path)!r} is not a readable .safetensors file ({e}); expected a MetaQuery checkpoint"
+        ) from e
     if METADATA_KEY not in metadata:
         raise ValueError(f"{str(path)!r} is not a MetaQuery checkpoint: its metadata has no {METADATA_KEY!r}")
     return MetaQueryConfig.from_json(metadata[METADATA_KEY])

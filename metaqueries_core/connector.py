@@ -54,6 +54,11 @@ class ConnectorConfig:
             raise ValueError(f"num_slots must be >= 0 (0: no slot embedding), got {self.num_slots}")
         if self.inner_width % self.num_heads:
             raise ValueError(f"encoder width {self.inner_width} is not divisible by {self.num_heads} heads")
+        if self.depth and self.pos_embed == "rope" and (self.inner_width // self.num_heads) % 2:
+            raise ValueError(
+                f"rotary positions need an even head size; encoder width {self.inner_width} / {self.num_heads} heads "
+                f"= {self.inner_width // self.num_heads} (choose fewer heads, or pos_embed 'none')"
+            )
 
     @property
     def inner_width(self) -> int:

@@ -78,6 +78,13 @@ def test_not_a_checkpoint(tmp_path):
         ckpt.load_checkpoint(plain)
     with pytest.raises(FileNotFoundError):
         ckpt.load_checkpoint(tmp_path / "missing.safetensors")
+    json_file = tmp_path / "config.json"
+    json_file.write_text('{"model_type": "sana"}')
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(plain.read_bytes()[:20])  # a copy cut short, as an interrupted download leaves it
+    for bad in (json_file, truncated):
+        with pytest.raises(ValueError, match=r"is not a readable \.safetensors file .*expected a MetaQuery checkpoint"):
+            ckpt.load_checkpoint(bad)
 
 
 def test_unknown_or_newer_config_is_refused(saved):

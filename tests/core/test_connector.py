@@ -58,11 +58,17 @@ def test_openuni_layout_has_one_linear_projection():
         (dict(layer_style="llama"), "layer_style 'llama'"),
         (dict(projection="mlp"), "projection 'mlp'"),
         (dict(heads=5), "not divisible by 5 heads"),
+        (dict(heads=64), r"rotary positions need an even head size; encoder width 64 / 64 heads = 1"),
     ],
 )
 def test_bad_config_is_named(bad, message):
     with pytest.raises(ValueError, match=message):
         ConnectorConfig(in_width=64, out_width=8, **bad)
+
+
+def test_odd_head_size_is_fine_without_rotary_positions():
+    c = Connector(ConnectorConfig(in_width=64, out_width=8, depth=1, heads=64, pos_embed="none"))
+    assert c(torch.randn(2, 3, 64)).shape == (2, 3, 8)
 
 
 def test_queries_parameter():
