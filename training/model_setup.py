@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from metaqueries_core.checkpoint import apply_decoder_state, check_compatible, load_checkpoint
+from metaqueries_core.checkpoint import MetaQueryConfig, apply_decoder_state, check_compatible, load_checkpoint
 from metaqueries_core.connector import ConnectorConfig
 from metaqueries_core.decoders import DecoderAdapter, load_decoder
 from metaqueries_core.decoders.sana import SanaAdapter
@@ -50,28 +50,40 @@ def load_models(cfg: ModelSection, device: torch.device) -> tuple[MLLMAdapter, D
 
 
 def build_head(cfg: ModelSection, mllm: MLLMAdapter, decoder: DecoderAdapter) -> MetaQueryHead:
-    """A fresh head, or the one in `init_checkpoint` (checked against the loaded models; its decoder weights are
-    applied to the decoder)."""
+    """A fresh head, or the one in `init_checkpoint` (checked against the loaded models and against the head this
+    config describes; its decoder weights are applied to the decoder)."""
+    connector = connector_config(cfg, mllm, decoder)
     if cfg.init_checkpoint:
         config, head, decoder_state = load_checkpoint(cfg.init_checkpoint)
         check_compatible(config, mllm=mllm, decoder=decoder)
+        if differences := head_differences(cfg, connector, config):
+            raise ValueError(
+                f"model.init_checkpoint {cfg.init_checkpoint!r} holds a different head than this config describes: "
+                f"{'; '.join(differences)}. The head is loaded as it was trained: set these keys to the checkpoint's "
+                "values (or drop init_checkpoint to train a new head)"
+            )
         if decoder_state:
             apply_decoder_state(decoder, decoder_state)  # strict; names the keys that do not fit
-        if config.num_queries != cfg.num_queries:
-            log.warning(
-                "model.num_queries=%d is ignored: %s was trained with %d queries, and the head (queries, connector, "
-                "prompt format) comes from it",
-                cfg.num_queries,
-                cfg.init_checkpoint,
-                config.num_queries,
-            )
         log.info("initialised from %s (stage %s)", cfg.init_checkpoint, config.stage)
         return head.to(mllm.device)
+    head = MetaQueryHead(
+        num_queries=cfg.num_queries,
+        connector=connector,
+        system_prompt=cfg.system_prompt,
+        max_prompt_tokens=cfg.max_prompt_tokens,
+    )
+    if cfg.queries_init_text is not None:
+        init_queries_from_text(head, mllm, cfg.queries_init_text)
+    return head.to(mllm.device)
+
+
+def connector_config(cfg: ModelSection, mllm: MLLMAdapter, decoder: DecoderAdapter) -> ConnectorConfig:
+    """The connector `cfg.connector` describes between these models (the decoder picks the default out-norm scale)."""
     c = cfg.connector
     scale = c.out_norm_scale
     if scale is None:
         scale = math.sqrt(5.5) if decoder.family == "sana" else 1.0
-    connector = ConnectorConfig(
+    return ConnectorConfig(
         in_width=mllm.width,
         out_width=decoder.text_width,
         width=c.width,
@@ -86,15 +98,26 @@ def build_head(cfg: ModelSection, mllm: MLLMAdapter, decoder: DecoderAdapter) ->
         init_std=c.init_std,
         num_slots=cfg.num_queries if c.slot_embed else 0,
     )
-    head = MetaQueryHead(
-        num_queries=cfg.num_queries,
-        connector=connector,
-        system_prompt=cfg.system_prompt,
-        max_prompt_tokens=cfg.max_prompt_tokens,
-    )
-    if cfg.queries_init_text is not None:
-        init_queries_from_text(head, mllm, cfg.queries_init_text)
-    return head.to(mllm.device)
+
+
+def head_differences(cfg: ModelSection, connector: ConnectorConfig, loaded: MetaQueryConfig) -> list[str]:
+    """'key ours (checkpoint theirs)' for each setting of the head that the checkpoint fixes and the config sets
+    otherwise. Initialisation-only settings (queries_init_text, connector out_norm_scale and init_std) do not count:
+    the trained weights replace what they set. Widths and head counts compare as resolved (null = the default)."""
+    theirs = loaded.connector
+    pairs = {
+        "model.num_queries": (cfg.num_queries, loaded.num_queries),
+        "model.system_prompt": (cfg.system_prompt, loaded.system_prompt),
+        "model.max_prompt_tokens": (cfg.max_prompt_tokens, loaded.max_prompt_tokens),
+        "model.connector.width": (connector.inner_width, theirs.inner_width),
+        "model.connector.heads": (connector.num_heads, theirs.num_heads),
+        "model.connector.slot_embed": (connector.num_slots > 0, theirs.num_slots > 0),
+        **{
+            f"model.connector.{name}": (getattr(connector, name), getattr(theirs, name))
+            for name in ("depth", "mlp_ratio", "layer_style", "pos_embed", "qk_norm", "projection")
+        },
+    }
+    return [f"{key} {ours!r} (checkpoint {ckpt!r})" for key, (ours, ckpt) in pairs.items() if ours != ckpt]
 
 
 @torch.no_grad()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from metaqueries_core.checkpoint import config_for, save_checkpoint
 from training.config import ConnectorSection, ModelSection
 from training.model_setup import build_head
 
@@ -53,3 +54,39 @@ def test_train_shift_reaches_the_flow_decoder_and_is_refused_elsewhere(mllm_fold
         )
     with pytest.raises(ValueError, match="train_shift must be > 0"):
         ModelSection(train_shift=0.0)
+
+
+def test_init_checkpoint_loads_the_head_it_holds_and_refuses_a_config_describing_another(
+    tmp_path, mllm_loader, decoder_loader
+):
+    mllm, decoder = mllm_loader("qwen2_5_vl"), decoder_loader("sana")
+    section = ModelSection(num_queries=6, connector=ConnectorSection(depth=2, heads=4, slot_embed=True))
+    trained = build_head(section, mllm, decoder)
+    ckpt = save_checkpoint(tmp_path / "pre.safetensors", trained, config_for(trained, mllm=mllm, decoder=decoder))
+
+    same = dict(num_queries=6, init_checkpoint=str(ckpt), connector=ConnectorSection(depth=2, heads=4, slot_embed=True))
+    loaded = build_head(ModelSection(**same), mllm, decoder)
+    assert torch.equal(loaded.queries.queries, trained.queries.queries)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), trained.state_dict().values()))
+    # initialisation-only settings do not describe the trained head (its weights replace what they set)
+    init_only = ConnectorSection(depth=2, heads=4, slot_embed=True, init_std=0.5, out_norm_scale=3.0)
+    again = build_head(ModelSection(**{**same, "connector": init_only, "queries_init_text": "a red"}), mllm, decoder)
+    assert torch.equal(again.queries.queries, trained.queries.queries)
+
+    other = ModelSection(
+        num_queries=8,
+        init_checkpoint=str(ckpt),
+        max_prompt_tokens=64,
+        connector=ConnectorSection(depth=3, heads=4, layer_style="siglip"),
+    )
+    with pytest.raises(ValueError, match="holds a different head than this config describes") as err:
+        build_head(other, mllm, decoder)
+    for part in (
+        "model.num_queries 8 (checkpoint 6)",
+        "model.max_prompt_tokens 64 (checkpoint 256)",
+        "model.connector.slot_embed False (checkpoint True)",
+        "model.connector.depth 3 (checkpoint 2)",
+        "model.connector.layer_style 'siglip' (checkpoint 'qwen2')",
+    ):
+        assert part in str(err.value)
+    assert "heads" not in str(err.value)  # 4 on both sides

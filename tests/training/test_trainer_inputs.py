@@ -148,6 +148,13 @@ def test_every_shipped_config_loads_strictly(path):
     assert cfg.model.mllm and cfg.model.decoder
     if cfg.train.stage == "instruct" and not path.stem.startswith("tiny"):
         assert cfg.model.init_checkpoint, "instruction tuning starts from a pretrain export"
+    if cfg.model.init_checkpoint:  # the head it describes is the one its pretrain config exports (build_head checks)
+        source = {
+            str(Path(c.train.output_dir) / c.train.export_name): c for c in (load_config(RunConfig, p) for p in CONFIGS)
+        }
+        pre = source[cfg.model.init_checkpoint].model
+        assert (cfg.model.num_queries, cfg.model.connector) == (pre.num_queries, pre.connector)
+        assert (cfg.model.system_prompt, cfg.model.max_prompt_tokens) == (pre.system_prompt, pre.max_prompt_tokens)
 
 
 @pytest.mark.slow
