@@ -46,6 +46,17 @@ def test_missing_model_names_the_entry_and_where_it_looked(models_root, loader, 
         assert str(models_root / folder) in message
 
 
+def test_a_cut_short_checkpoint_file_is_named(models_root):
+    # an interrupted copy or download leaves a file the safetensors reader cannot parse
+    cut = models_root / "metaqueries" / "cut.safetensors"
+    cut.write_bytes(b"\x40\x00\x00\x00\x00\x00\x00\x00{")  # the models folder is shared by the session
+    try:
+        with pytest.raises(ValueError, match=r"cut\.safetensors' is not a readable \.safetensors file"):
+            LoadCheckpoint().load("cut.safetensors", "auto", "auto")
+    finally:
+        cut.unlink()
+
+
 def test_checkpoint_for_another_mllm_names_both_widths(loaded):
     (wrong,) = LoadCheckpoint().load(WRONG_WIDTH_CHECKPOINT, "auto", "auto")
     with pytest.raises(ValueError, match=re.escape("MLLM width: checkpoint 96, loaded MLLM 64")):
