@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("scoring with %s", f"the settings in {found}" if found else "the default job's settings")
     try:
         mllm, head, decoder = load_exported(args.models)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ValueError) as err:  # missing, unreadable or mismatched models
         parser.error(f"{err} (MODELS is the models/ folder a toy job exported, e.g. outputs/toy/models)")
     out = args.out or args.models.parent / "scores.json"
     scores = evaluate(

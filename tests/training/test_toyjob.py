@@ -181,6 +181,15 @@ def test_eval_cli_refuses_bad_settings_and_missing_models(tmp_path, capsys, arg,
     assert exit_.value.code == 2 and says in capsys.readouterr().err
 
 
+def test_eval_cli_names_an_unreadable_checkpoint(tmp_path, capsys):
+    ckpt = tmp_path / "models" / "metaqueries" / CHECKPOINT_NAME
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"\x40\x00\x00\x00\x00\x00\x00\x00{")  # cut short, as an interrupted copy leaves it
+    with pytest.raises(SystemExit) as exit_:
+        eval_main([str(tmp_path / "models")])
+    assert exit_.value.code == 2 and "is not a readable .safetensors file" in capsys.readouterr().err
+
+
 def test_unknown_toy_option_is_refused(tmp_path, capsys):
     assert run_main([f"--out={tmp_path}", "--pretrain_stepz=3"]) == 2
     assert "pretrain_stepz" in capsys.readouterr().out
