@@ -11,14 +11,28 @@ from PIL import Image
 log = logging.getLogger(__name__)
 
 
+# Transparent pixels are composited onto white: web images with alpha are mostly logos, stickers, icons and product
+# shots meant to be seen on a white page, and their dark strokes (text, line art) vanish on black. A caption says
+# "a black logo", not "a black square", so white matches what the caption writer saw. Training data and images given
+# at inference go through the same conversion, so a model sees transparency as it was trained to.
+ALPHA_BACKGROUND = (255, 255, 255)
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB copy of any PIL image. Transparent pixels are composited on black, the colour the method uses for a
-    dropped (absent) image, so an alpha channel never invents content."""
+    """Convert any Pillow mode to RGB: alpha composited on :data:`ALPHA_BACKGROUND`, 16-bit gray scaled down."""
     if image.mode == "RGB":
         return image
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    if image.mode == "P":
+        # Palette images may carry transparency in `info`; going through RGBA keeps it for compositing.
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # Pillow's own I -> RGB conversion clips at 255, which turns a 16-bit grayscale PNG almost white.
+        arr = np.asarray(image, dtype=np.float64)
+        scale = 255.0 / 65535.0 if arr.max(initial=0) > 255 else 1.0
+        image = Image.fromarray(np.clip(arr * scale + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA", "RGBa", "La", "PA"):
         rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
 

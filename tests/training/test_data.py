@@ -17,7 +17,6 @@ from training.data import (
     nearest_bucket,
     open_dataset,
     resize_and_crop,
-    to_rgb,
     validate_buckets,
 )
 from training.data.hf import detect_layout
@@ -389,19 +388,6 @@ def test_open_dataset_rejects_bad_arguments(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ images and transforms
-
-
-def test_to_rgb_modes():
-    rgba = Image.new("RGBA", (2, 2), (0, 0, 0, 0))
-    assert to_rgb(rgba).getpixel((0, 0)) == (255, 255, 255)  # transparent -> white background
-    assert to_rgb(Image.new("L", (2, 2), 7)).getpixel((0, 0)) == (7, 7, 7)
-    pal = Image.new("P", (2, 2), 0)
-    pal.putpalette([10, 20, 30] * 256)
-    pal.info["transparency"] = 0
-    assert to_rgb(pal).getpixel((0, 0)) == (255, 255, 255)
-    deep = Image.fromarray(np.full((2, 2), 65535, dtype=np.uint16))
-    assert to_rgb(deep).getpixel((0, 0)) == (255, 255, 255)
-    assert to_rgb(Image.fromarray(np.full((2, 2), 32768, dtype=np.uint16))).getpixel((0, 0))[0] == 128
 
 
 def test_resize_and_crop():

@@ -20,9 +20,10 @@ import os
 from collections.abc import Sequence
 from typing import Any, Literal
 
+from metaqueries_core.images import ALPHA_BACKGROUND, to_rgb
+
 from .base import EpochIterator, IndexedDataset, SampleDataset, Stage, check_stage, iter_batches
 from .samples import (
-    ALPHA_BACKGROUND,
     CaptionSample,
     InstructSample,
     NoUsableSampleError,
@@ -30,7 +31,6 @@ from .samples import (
     SampleSkipped,
     SkipCounter,
     decode_image,
-    to_rgb,
 )
 from .transforms import make_buckets, nearest_bucket, resize_and_crop, validate_buckets
 

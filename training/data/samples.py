@@ -14,8 +14,9 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 
-import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from metaqueries_core.images import to_rgb
 
 __all__ = [
     "CaptionSample",
@@ -26,7 +27,6 @@ __all__ = [
     "SkipCounter",
     "decode_image",
     "load_image_file",
-    "to_rgb",
 ]
 
 logger = logging.getLogger(__name__)
@@ -53,11 +53,6 @@ IMAGE_DECODE_ERRORS: tuple[type[BaseException], ...] = (
     zlib.error,
     Image.DecompressionBombError,
 )
-
-# Transparent pixels are composited onto white: web images with alpha are mostly logos, stickers, icons and product
-# shots meant to be seen on a white page, and their dark strokes (text, line art) vanish on black. A caption says
-# "a black logo", not "a black square", so white matches what the caption writer saw.
-ALPHA_BACKGROUND = (255, 255, 255)
 
 
 @dataclass
@@ -131,25 +126,6 @@ class SkipCounter:
             return "0 skipped"
         detail = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.counts.items()))
         return f"{self.total} skipped ({detail})"
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to RGB: alpha composited on :data:`ALPHA_BACKGROUND`, 16-bit gray scaled down."""
-    if image.mode == "RGB":
-        return image
-    if image.mode == "P":
-        # Palette images may carry transparency in `info`; going through RGBA keeps it for compositing.
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        # Pillow's own I -> RGB conversion clips at 255, which turns a 16-bit grayscale PNG almost white.
-        arr = np.asarray(image, dtype=np.float64)
-        scale = 255.0 / 65535.0 if arr.max(initial=0) > 255 else 1.0
-        image = Image.fromarray(np.clip(arr * scale + 0.5, 0, 255).astype(np.uint8), mode="L")
-    if image.mode in ("RGBA", "LA", "RGBa", "La", "PA"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
 
 
 def _finish_open(image: Image.Image) -> Image.Image:
