@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import torch
@@ -52,6 +53,26 @@ def ensure_min_side(image: Image.Image, min_side: int) -> Image.Image:
         *new_size,
     )
     return image.resize(new_size, Image.NEAREST)
+
+
+def ensure_max_aspect(image: Image.Image, max_aspect: float | None) -> Image.Image:
+    """Pad the shorter side with black (centred, nothing cropped or scaled) of an image whose long / short side ratio
+    is above what the vision tower's resize rule accepts (Qwen-VL refuses more than 200: a banner or a strip)."""
+    w, h = image.size
+    if max_aspect is None or max(w, h) <= max_aspect * min(w, h):
+        return image
+    short = math.ceil(max(w, h) / max_aspect)
+    new_size = (w, short) if w > h else (short, h)
+    log.warning(
+        "image of %dx%d is more elongated than the vision tower accepts (side ratio at most %g); padded to %dx%d",
+        w,
+        h,
+        max_aspect,
+        *new_size,
+    )
+    padded = Image.new("RGB", new_size, (0, 0, 0))
+    padded.paste(image, ((new_size[0] - w) // 2, (new_size[1] - h) // 2))
+    return padded
 
 
 def pil_to_tensor(images: list[Image.Image]) -> torch.Tensor:

@@ -19,7 +19,7 @@ from PIL import Image
 from torch import nn
 from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
-from ..images import ensure_min_side, to_rgb
+from ..images import ensure_max_aspect, ensure_min_side, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,11 @@ class MLLMAdapter(ABC):
     def min_image_side(self) -> int:
         return 1
 
+    @property
+    def max_image_aspect(self) -> float | None:
+        """The largest long / short side ratio the image processor accepts (None: any)."""
+        return None
+
     def image_features(self, images: list[list[Image.Image]]) -> tuple[list[torch.Tensor], dict[str, Any]]:
         """Vision features per image (each (n_i, D), in batch order) and the HF kwargs that carry the pixels."""
         raise ValueError(f"MLLM {self.name!r} ({self.model_types[0]}) is text-only and takes no images")
@@ -165,7 +170,8 @@ class MLLMAdapter(ABC):
                     f"sample {i} has {len(sample)} images; MLLM {self.name!r} ({self.model_types[0]}) "
                     f"takes at most {self.max_images} per prompt"
                 )
-            out.append([ensure_min_side(to_rgb(im), self.min_image_side) for im in sample])
+            fitted = [ensure_min_side(to_rgb(im), self.min_image_side) for im in sample]
+            out.append([ensure_max_aspect(im, self.max_image_aspect) for im in fitted])  # padding keeps the min side
         return out
 
     def tokenize(

@@ -20,6 +20,10 @@ class QwenVLAdapter(MLLMAdapter):
         # the processor's smart_resize needs at least one merged patch per side
         return self.image_processor.patch_size * self.image_processor.merge_size
 
+    @property
+    def max_image_aspect(self) -> float:
+        return 200.0  # transformers' smart_resize raises above this ratio
+
     def image_features(self, images: list[list[Image.Image]]) -> tuple[list[torch.Tensor], dict[str, Any]]:
         flat = [im for sample in images for im in sample]
         px = self.image_processor(images=flat, return_tensors="pt")

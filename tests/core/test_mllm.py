@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
+import numpy as np
 import pytest
 import torch
 from mq_testutil import MLLM_FAMILIES, VISION_FAMILIES
@@ -124,10 +125,25 @@ def test_odd_images_are_converted(mllm_loader, family):
         [Image.new("RGB", (1, 1), (255, 0, 0))],
         [Image.new("RGBA", (32, 32), (255, 0, 0, 128))],
         [Image.new("L", (32, 20), 128)],
+        [Image.new("RGB", (1000, 2), (0, 0, 255))],  # a strip: side ratio 500 (Qwen-VL's processor refuses > 200)
+        [Image.new("RGB", (3, 900), (0, 255, 0))],
     ]
     with torch.no_grad():
-        out = mllm.encode(["a", "b", "c"], odd, q)
-    assert out.shape == (3, N, mllm.width) and torch.isfinite(out).all()
+        out = mllm.encode(["a", "b", "c", "d", "e"], odd, q)
+    assert out.shape == (5, N, mllm.width) and torch.isfinite(out).all()
+
+
+def test_strip_images_are_padded_not_cropped_to_the_ratio_qwen_vl_accepts(caplog):
+    from metaqueries_core.images import ensure_max_aspect
+
+    strip = Image.new("RGB", (1000, 8), (255, 0, 0))
+    assert ensure_max_aspect(strip, 200.0) is strip  # 1000 / 8 = 125 <= 200: unchanged
+    tall = Image.new("RGB", (2, 1000), (255, 0, 0))
+    padded = ensure_max_aspect(tall, 200.0)
+    assert padded.size == (5, 1000) and "padded to 5x1000" in caplog.text
+    pixels = np.asarray(padded)  # (H, W, 3): the strip centred, black either side, nothing scaled
+    assert (pixels[:, 1:3] == (255, 0, 0)).all() and (pixels[:, [0, 3, 4]] == 0).all()
+    assert ensure_max_aspect(tall, None) is tall
 
 
 @pytest.mark.parametrize("family", VISION_FAMILIES)
