@@ -163,9 +163,7 @@ class TrainSection:
 
     def __post_init__(self) -> None:
         for name in ("drop_caption", "drop_both", "drop_images"):
-            p = getattr(self, name)
-            if not 0.0 <= p <= 1.0:
-                raise ValueError(f"train.{name} must be in [0, 1], got {p}")
+            within(f"train.{name}", getattr(self, name), 0.0, 1.0, why=" (a probability)")
         if self.drop_caption + self.drop_both + self.drop_images > 1.0:
             raise ValueError("train.drop_caption + drop_both + drop_images must not exceed 1")
         for name in ("steps", "batch_size", "grad_accum", "keep_checkpoints", "sample_steps", "log_every"):

@@ -44,6 +44,7 @@ from training.config_io import ConfigError, load_config
         ("--train.sample_every=-1", r"train.sample_every must be >= 0, got -1 \(0: never\)"),
         ("--train.guidance=-2", "train.guidance must be >= 0"),
         ("--train.image_guidance=-1", "train.image_guidance must be >= 0"),
+        ("--train.drop_images=1.5", r"train.drop_images must be in \[0.0, 1.0\], got 1.5 \(a probability\)"),
         ("--train.sample_prompts=[]", "train.sample_prompts is empty while train.sample_every > 0"),
     ],
 )
