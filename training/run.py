@@ -1,15 +1,19 @@
 """`python -m training.run CONFIG.yaml [--section.key=value ...]`; with no config, the embedded toy-world job.
 
-Exit codes: 0 done; 2 the config does not parse (unknown key, wrong type); 1 the run could not start or stopped
-(a missing folder, unusable data, a diverged loss), with a one-line message saying what was wrong."""
+Exit codes: 0 done; 2 the config does not parse (unknown key, wrong type, out of range); 1 the run could not start or
+stopped (a missing folder, unusable data, a diverged loss), with a one-line message saying what was wrong; 130
+interrupted (Ctrl-C), with how to continue."""
 
 from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 from .config import RunConfig
 from .config_io import ConfigError, load_config
+
+INTERRUPTED = 130  # the shell's code for a run stopped by SIGINT
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,7 +25,15 @@ def main(argv: list[str] | None = None) -> int:
     if config_path is None and not any(a.startswith("--model.") for a in argv):
         from .toyjob import run_toy_job
 
-        return run_toy_job(argv)
+        try:
+            return run_toy_job(argv)
+        except KeyboardInterrupt:
+            print(
+                "interrupted: run the same command again to continue. Finished stages are reused, pretrain and "
+                "instruct resume from their last checkpoint, an unfinished teach or autoencoder stage starts over",
+                file=sys.stderr,
+            )
+            return INTERRUPTED
     try:
         cfg = load_config(RunConfig, config_path, argv)
     except (ConfigError, FileNotFoundError) as e:  # FileNotFoundError: the YAML file itself
@@ -39,6 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as e:
         print(f"training stopped: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        where = Path(cfg.train.output_dir) / "checkpoints"
+        print(
+            f"interrupted: the checkpoints written so far are in {str(where)!r}; run the same command with "
+            "--train.resume=true to continue from the newest",
+            file=sys.stderr,
+        )
+        return INTERRUPTED
     return 0
 
 

@@ -99,6 +99,47 @@ def test_init_checkpoint_for_other_models_is_refused(folders, tmp_path, capsys, 
     assert "decoder family: checkpoint 'sana', loaded 'sd15'" in err
 
 
+def test_ctrl_c_says_how_to_continue_and_that_continues(folders, tmp_path, capsys, monkeypatch):
+    from training import trainer
+
+    save = trainer.save_training_state
+
+    def save_then_ctrl_c(*a, **k):  # the user presses Ctrl-C right after the first checkpoint
+        save(*a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "save_training_state", save_then_ctrl_c)
+    out = tmp_path / "run"
+    try:
+        code = main(args(folders, out, "--train.checkpoint_every=2"))
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped training.run.main as a traceback")  # raised on, it would stop pytest itself
+    assert code == 130
+    err = capsys.readouterr().err
+    assert f"interrupted: the checkpoints written so far are in {str(out / 'checkpoints')!r}" in err
+    assert "run the same command with --train.resume=true" in err
+    monkeypatch.setattr(trainer, "save_training_state", save)
+    assert main(args(folders, out, "--train.checkpoint_every=2", "--train.resume=true")) == 0
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3]  # step 3 after the resume
+
+
+def test_ctrl_c_in_the_toy_job_says_how_to_continue(capsys, monkeypatch):
+    import training.toyjob
+
+    def ctrl_c(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.toyjob, "run_toy_job", ctrl_c)
+    try:
+        code = main([])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped training.run.main as a traceback")
+    assert code == 130
+    assert (
+        "Finished stages are reused, pretrain and instruct resume from their last checkpoint" in capsys.readouterr().err
+    )
+
+
 def test_cached_latents_need_deterministic_targets(folders, tmp_path, capsys):
     assert main(args(folders, tmp_path / "run", "--data.cache_latents=true", "--data.random_crop=true")) == 1
     assert "data.cache_latents needs deterministic targets, but data.random_crop is true" in capsys.readouterr().err
