@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.out_dir.exists() and not args.out_dir.is_dir():
+        parser.error(f"out_dir {str(args.out_dir)!r} is a file; give a folder (it is created when missing)")
     for name, folder in make_tiny_models(args.out_dir, mllms=args.mllm or ["qwen2_5_vl"], seed=args.seed).items():
         print(f"{name}: {folder}")
     return 0

@@ -198,6 +198,16 @@ def test_every_shipped_config_loads_strictly(path):
         assert (cfg.model.system_prompt, cfg.model.max_prompt_tokens) == (pre.system_prompt, pre.max_prompt_tokens)
 
 
+def test_tiny_models_refuse_a_file_as_their_folder(tmp_path, capsys):
+    from training.make_tiny_models import main as make_models
+
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(SystemExit) as exit_:
+        make_models([str(tmp_path / "file")])
+    assert exit_.value.code == 2 and "is a file; give a folder" in capsys.readouterr().err
+    assert (tmp_path / "file").read_text() == "mine"
+
+
 @pytest.mark.slow
 def test_tiny_configs_run_from_the_model_kit(tmp_path, monkeypatch):
     """The README commands, shortened: write the tiny models, then pretrain and instruct from the shipped YAMLs."""
