@@ -224,10 +224,6 @@ class ToyJobConfig:
         latent = self.decoder_space == "latent"
         return (2 ** (len(self.ae_channels) - 1) if latent else 1), self.decoder_patch or (1 if latent else 2)
 
-    def sampling_guidance(self) -> Guidance:
-        """The guidance the job scores with (and `python -m training.eval` by default)."""
-        return Guidance(scale=self.guidance, image_scale=self.image_guidance)
-
     def eval_settings(self) -> dict:
         """`training.eval.evaluate`'s keyword arguments for how many prompts of each kind, how many samples, and how
         to sample: the one place both the job's score stage and `python -m training.eval` take them from."""
@@ -238,7 +234,7 @@ class ToyJobConfig:
             "n_qa": self.eval_questions,
             "samples_per_prompt": self.eval_samples,
             "steps": self.eval_steps,
-            "guidance": self.sampling_guidance(),
+            "guidance": Guidance(scale=self.guidance, image_scale=self.image_guidance),
             "seed": self.seed,
         }
 

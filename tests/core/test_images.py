@@ -22,9 +22,10 @@ def test_to_rgb_modes():
 
 
 def test_inference_inputs_convert_as_training_data_does():
-    import training.data
+    import training.data.samples
 
-    assert training.data.to_rgb is to_rgb  # one conversion, not a training copy that drifts from the library's
+    # the data readers convert with the library's function, not a training copy that drifts from it
+    assert training.data.samples.to_rgb is to_rgb
     half_transparent_red = Image.new("RGBA", (2, 2), (255, 0, 0, 128))
     grey16 = Image.fromarray(np.full((2, 2), 32768, dtype=np.uint16))
     out = pil_to_tensor([half_transparent_red, grey16])  # (2, 3, H, W) in [0, 1]

@@ -20,8 +20,6 @@ import os
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from metaqueries_core.images import ALPHA_BACKGROUND, to_rgb
-
 from .base import EpochIterator, IndexedDataset, SampleDataset, Stage, check_stage, iter_batches
 from .samples import (
     CaptionSample,
@@ -35,7 +33,6 @@ from .samples import (
 from .transforms import make_buckets, nearest_bucket, resize_and_crop, validate_buckets
 
 __all__ = [
-    "ALPHA_BACKGROUND",
     "CaptionSample",
     "DatasetKind",
     "EpochIterator",
@@ -53,7 +50,6 @@ __all__ = [
     "nearest_bucket",
     "open_dataset",
     "resize_and_crop",
-    "to_rgb",
     "validate_buckets",
 ]
 
