@@ -8,6 +8,7 @@ method changes its weights.
 from __future__ import annotations
 
 import enum
+import inspect
 import logging
 from abc import ABC
 from dataclasses import dataclass
@@ -27,6 +28,12 @@ log = logging.getLogger(__name__)
 DEFAULT_SYSTEM_PROMPT = (
     "You will be given an image or its caption. Please describe the content of the image in detail in your own words."
 )
+
+
+def cache_keyword(lm: nn.Module) -> str:
+    """The name of the KV cache in `lm`'s forward and output: `cache` from transformers 5.24, `past_key_values` in
+    5.0-5.23 (5.24 still accepts the old name, with a deprecation warning)."""
+    return "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
 
 
 class Default(enum.Enum):
@@ -275,11 +282,12 @@ class MLLMAdapter(ABC):
                 position_ids=batch.position_ids[..., :p],
                 use_cache=True,
             )
+        key = cache_keyword(lm)
         out = lm(
             inputs_embeds=q,
             attention_mask=batch.attention_mask,
             position_ids=batch.position_ids[..., p:],
-            cache=prefix.cache,
+            **{key: prefix[key]},
         )
         return out.last_hidden_state  # (B, N, D)
 
