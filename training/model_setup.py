@@ -35,6 +35,15 @@ def load_models(cfg: ModelSection, device: torch.device) -> tuple[MLLMAdapter, D
         if not getattr(cfg, key):
             raise ValueError(f"model.{key} is empty: give the local folder of the {key.upper()} to train with")
     mllm = load_mllm(cfg.mllm, dtype=_dtype(cfg.mllm_dtype, device), device=device)
+    decoder = load_run_decoder(cfg, device)
+    trainable = [n for n, p in mllm.model.named_parameters() if p.requires_grad]
+    if trainable:  # the method's premise: the MLLM's understanding is untouched
+        raise RuntimeError(f"the MLLM must be frozen, but {len(trainable)} parameters require grad: {trainable[:3]}")
+    return mllm, decoder
+
+
+def load_run_decoder(cfg: ModelSection, device: torch.device) -> DecoderAdapter:
+    """The decoder folder as a run trains it: fp32 weights (autocast gives bf16 compute on GPUs), `train_shift`."""
     decoder = load_decoder(cfg.decoder, dtype=torch.float32, device=device)
     if cfg.train_shift != 1.0:
         if not isinstance(decoder, SanaAdapter):
@@ -43,10 +52,7 @@ def load_models(cfg: ModelSection, device: torch.device) -> tuple[MLLMAdapter, D
                 f"{decoder.family} decoder: leave model.train_shift at 1.0"
             )
         decoder.train_shift = cfg.train_shift
-    trainable = [n for n, p in mllm.model.named_parameters() if p.requires_grad]
-    if trainable:  # the method's premise: the MLLM's understanding is untouched
-        raise RuntimeError(f"the MLLM must be frozen, but {len(trainable)} parameters require grad: {trainable[:3]}")
-    return mllm, decoder
+    return decoder
 
 
 def build_head(cfg: ModelSection, mllm: MLLMAdapter, decoder: DecoderAdapter) -> MetaQueryHead:

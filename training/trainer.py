@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import DistributedType, gather_object, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -44,6 +44,7 @@ from .optim import make_optimizer
 from .preflight import SetupError, TrainingDiverged, check_run
 from .run_log import MetricsLog, replica_fingerprints, write_summary
 from .samples import write_sample_grid
+from .whole_weights import sampling_decoder, shards_weights, state_part, whole_head
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,12 @@ def make_accelerator(cfg: RunConfig, out: Path) -> Accelerator:
         project_dir=str(out),
         step_scheduler_with_optimizer=False,  # the schedule is in optimizer steps: we step it once per step
     )
+    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):  # accelerate launch says so in the environment
+        if os.environ.get(f"ACCELERATE_USE_{kind.value}", "false").lower() == "true" and acc.distributed_type != kind:
+            raise SetupError(
+                f"the launcher asked for {kind.value} but accelerate set up {acc.distributed_type.value} (no GPU "
+                "here?): FSDP and DeepSpeed run on GPUs only; on CPUs launch with torchrun (DDP over gloo)"
+            )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != acc.num_processes:
         raise SetupError(
@@ -201,9 +208,8 @@ def train(cfg: RunConfig) -> Path:
         if cfg.train.checkpoint_every and progress.step % cfg.train.checkpoint_every == 0:
             if progress.step < cfg.train.steps:  # the last step is exported instead
                 save_training_state(acc, ckpt_root, progress, dict(run.data.skips.counts), cfg.train.keep_checkpoints)
-        if acc.is_main_process and should_sample(cfg, progress.step):
-            path = out / "samples" / f"step-{progress.step:08d}.png"
-            write_sample_grid(path, run.mllm, run.head, run.decoder, cfg, sample_data)
+        if should_sample(cfg, progress.step):
+            write_periodic_grid(run, cfg, sample_data, out / "samples" / f"step-{progress.step:08d}.png")
     bar.close()
     return finish(run, cfg, sample_data, loss)
 
@@ -215,6 +221,18 @@ def diverged(error: NonFinite, step: int, ckpt_root: Path) -> TrainingDiverged:
         f"{latest if latest else 'none (no checkpoint was written yet)'}; lower optim.lr, raise optim.warmup_steps "
         "or check the data, then resume from it with --train.resume=true"
     )
+
+
+def write_periodic_grid(run: Run, cfg: RunConfig, sample_data: SampleDataset | None, path: Path) -> None:
+    """A grid from the training modules; under FSDP from whole copies, after every process gathers the weights."""
+    head, decoder = run.head, run.decoder
+    if shards_weights(run.acc):
+        state = run.acc.get_state_dict(run.module)  # a collective: every process comes here
+        if run.acc.is_main_process:
+            head = whole_head(run.head, state).to(run.mllm.device)
+            decoder = sampling_decoder(run.acc, run.decoder, cfg.model, state, run.mllm.device)
+    if run.acc.is_main_process:
+        write_sample_grid(path, run.mllm, head, decoder, cfg, sample_data)
 
 
 def should_sample(cfg: RunConfig, step: int) -> bool:
@@ -346,16 +364,8 @@ def finish(run: Run, cfg: RunConfig, sample_data: SampleDataset | None, loss: fl
     export = Path(cfg.train.output_dir) / cfg.train.export_name
     if acc.is_main_process:
         out = Path(cfg.train.output_dir)
-        head = acc.unwrap_model(step_module).head
-        head_state = {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}
-        export_head = MetaQueryHead(
-            num_queries=head.num_queries,
-            connector=head.connector.cfg,
-            system_prompt=head.system_prompt,
-            max_prompt_tokens=head.max_prompt_tokens,
-        )
-        export_head.load_state_dict({k: v.float().cpu() for k, v in head_state.items()})
-        denoiser_state = {k.removeprefix("denoiser."): v for k, v in state.items() if k.startswith("denoiser.")}
+        export_head = whole_head(run.head, state)
+        denoiser_state = state_part(state, "denoiser.")
         if not denoiser_state and cfg.model.decoder_mode == "frozen":
             denoiser_state = decoder.denoiser.state_dict()
         carried = bool(cfg.model.init_checkpoint) and checkpoint_has_decoder(cfg.model.init_checkpoint)
@@ -364,8 +374,10 @@ def finish(run: Run, cfg: RunConfig, sample_data: SampleDataset | None, loss: fl
         save_checkpoint(export, export_head, config, decoder_state)
         log.info("exported %s", export)
         if cfg.train.sample_every:  # with the exported head: whole weights even where training shards them
-            grid_head = export_head.to(mllm.device)
-            write_sample_grid(out / "samples" / "final.png", mllm, grid_head, decoder, cfg, sample_data)
+            grid_decoder = sampling_decoder(acc, decoder, cfg.model, state, mllm.device)
+            write_sample_grid(
+                out / "samples" / "final.png", mllm, export_head.to(mllm.device), grid_decoder, cfg, sample_data
+            )
         summary = {"steps": cfg.train.steps, "final_loss": loss, "export": str(export), "stage": cfg.train.stage}
         summary.update(processes=acc.num_processes, replica_fingerprints=fingerprints)
         write_summary(out / "summary.json", summary)
