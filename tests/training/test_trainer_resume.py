@@ -167,7 +167,8 @@ def test_two_processes_hold_identical_weights(folders, tmp_path):
     out = tmp_path / "ddp"
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "training.run"]
     cmd = launch + args(folders, out, "--train.steps=3", "--train.checkpoint_every=2")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # two CPU processes over gloo, also on a machine with one GPU (two ranks cannot share it)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
