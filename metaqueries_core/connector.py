@@ -83,6 +83,14 @@ def rope(x: torch.Tensor, theta: float) -> torch.Tensor:
     return (x.float() * cos + rotated * sin).to(x.dtype)
 
 
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm on inputs cast to the weight's dtype. Under bf16 autocast the inputs arrive in bf16 while trained
+    weights stay fp32, and torch's fused kernel needs both alike (else it warns and takes the unfused path)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.to(self.weight.dtype))
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ConnectorConfig) -> None:
         super().__init__()
@@ -93,8 +101,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(w, w, bias=True)
         self.o_proj = nn.Linear(w, w, bias=bias)
         head_dim = w // self.heads
-        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if cfg.qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if cfg.qk_norm else nn.Identity()
+        self.q_norm = RMSNorm(head_dim, eps=1e-6) if cfg.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(head_dim, eps=1e-6) if cfg.qk_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = (
@@ -130,7 +138,7 @@ class EncoderLayer(nn.Module):
     def __init__(self, cfg: ConnectorConfig) -> None:
         super().__init__()
         norm = (
-            (lambda: nn.RMSNorm(cfg.inner_width, eps=1e-6))
+            (lambda: RMSNorm(cfg.inner_width, eps=1e-6))
             if cfg.layer_style == "qwen2"
             else (lambda: nn.LayerNorm(cfg.inner_width, eps=1e-6))
         )
@@ -151,7 +159,7 @@ class Connector(nn.Module):
         self.in_proj = nn.Linear(cfg.in_width, w) if w != cfg.in_width else nn.Identity()
         self.layers = nn.ModuleList([EncoderLayer(cfg) for _ in range(cfg.depth)])
         if cfg.depth:
-            self.norm = nn.RMSNorm(w, eps=1e-6) if cfg.layer_style == "qwen2" else nn.LayerNorm(w, eps=1e-6)
+            self.norm = RMSNorm(w, eps=1e-6) if cfg.layer_style == "qwen2" else nn.LayerNorm(w, eps=1e-6)
         else:
             self.norm = nn.Identity()
         if cfg.projection == "mlp_norm":
@@ -159,7 +167,7 @@ class Connector(nn.Module):
                 nn.Linear(w, cfg.out_width),
                 nn.GELU(approximate="tanh"),
                 nn.Linear(cfg.out_width, cfg.out_width),
-                nn.RMSNorm(cfg.out_width, eps=1e-6),
+                RMSNorm(cfg.out_width, eps=1e-6),
             )
         else:
             self.proj = nn.Linear(w, cfg.out_width)

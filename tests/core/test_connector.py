@@ -112,3 +112,22 @@ def test_slot_embedding_refuses_another_query_count():
         c(torch.randn(1, 5, 64))
     with pytest.raises(ValueError, match="num_slots must be >= 0"):
         ConnectorConfig(in_width=64, out_width=8, num_slots=-1)
+
+
+def test_rms_norms_see_their_weights_dtype_under_bf16_autocast(monkeypatch):
+    """Training keeps the connector in fp32 under bf16 autocast; each RMSNorm must get an fp32 input too, or torch
+    warns "Mismatch dtype between input and weight" and takes the unfused path (seen on an H200)."""
+    seen = []
+    real = torch.nn.functional.rms_norm
+
+    def spy(x, shape, weight=None, eps=None):
+        seen.append((x.dtype, weight.dtype))
+        return real(x, shape, weight, eps)
+
+    monkeypatch.setattr(torch.nn.functional, "rms_norm", spy)
+    conn = Connector(ConnectorConfig(in_width=32, out_width=24, depth=2, heads=4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conn(torch.randn(2, 5, 32))  # (B, N, in_width)
+    assert out.shape == (2, 5, 24) and torch.isfinite(out).all()
+    assert len(seen) == 2 * 4 + 2  # per layer: two norms and the q/k norms; the final norm; the projection's norm
+    assert all(x == w == torch.float32 for x, w in seen), seen
