@@ -83,8 +83,8 @@ def bench_family(family: str, root: Path, args: argparse.Namespace) -> list[dict
         one_step(mllm, head, batch, False, args.bf16)  # also the first warm-up step
         g_full = grads(head)
         one_step(mllm, head, batch, True, args.bf16)
-        tol = 1e-2 if args.bf16 else 1e-3
-        same = torch.allclose(g_full.float(), grads(head).float(), rtol=tol, atol=1e-5)
+        g_full, g_cached = g_full.float(), grads(head).float()
+        rel = float((g_cached - g_full).norm() / g_full.norm())  # elementwise bf16 rounding swamps small entries
         times: dict[bool, list[float]] = {False: [], True: []}
         for i in range(args.warmup + args.repeats):
             for prefix_cache in (False, True):  # interleaved, so a change in machine load hits both alike
@@ -100,7 +100,7 @@ def bench_family(family: str, root: Path, args: argparse.Namespace) -> list[dict
                 "cached_ms": 1000 * statistics.median(times[True]),
                 "full_min_ms": 1000 * min(times[False]),
                 "cached_min_ms": 1000 * min(times[True]),
-                "grads_match": same,
+                "grads_rel_err": rel,
             }
         )
     return rows
@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# width {args.width}, layers {args.layers}, N={args.queries}, batch {args.batch}, bf16={args.bf16}")
     print("# median (min) ms per forward + backward; speed-up = full / cached of the medians")
     print(f"{'family':<16} {'image':<6} {'prompt':>6} {'full ms':>15} {'cached ms':>15} {'speed-up':>8}  grads")
+    tol = 2e-2 if args.bf16 else 1e-5  # |g_cached - g_full| / |g_full|: bf16 carries ~3 significant digits
     with tempfile.TemporaryDirectory() as tmp:
         for family in args.families:
             for r in bench_family(family, Path(tmp), args):
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                 cached = f"{r['cached_ms']:.1f} ({r['cached_min_ms']:.1f})"
                 print(
                     f"{r['family']:<16} {'yes' if r['image'] else 'no':<6} {r['prompt']:>6} {full:>15} {cached:>15} "
-                    f"{ratio:>7.2f}x  {'equal' if r['grads_match'] else 'DIFFER'}",
+                    f"{ratio:>7.2f}x  {r['grads_rel_err']:.1e} {'ok' if r['grads_rel_err'] < tol else 'DIFFER'}",
                     flush=True,
                 )
     return 0
