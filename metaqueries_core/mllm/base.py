@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import transformers
 from PIL import Image
 from torch import nn
 from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
@@ -28,6 +29,17 @@ log = logging.getLogger(__name__)
 DEFAULT_SYSTEM_PROMPT = (
     "You will be given an image or its caption. Please describe the content of the image in detail in your own words."
 )
+
+
+def load_image_processor(path: Path) -> Any:
+    """The folder's image processor; transformers before 5.18 needs torchvision for it, which says so unhelpfully."""
+    try:
+        return AutoImageProcessor.from_pretrained(path)
+    except ImportError as e:
+        raise ImportError(
+            f"{e}\nThis pack needs no torchvision with transformers 5.18 or newer (installed: {transformers.__version__}):"
+            " pip install -U 'transformers>=5.18,<6'"
+        ) from e
 
 
 def cache_keyword(lm: nn.Module) -> str:
@@ -104,7 +116,7 @@ class MLLMAdapter(ABC):
         auto = AutoModelForImageTextToText if cls.image_token is not None else AutoModelForCausalLM
         model = auto.from_pretrained(path, dtype=dtype).to(device)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        image_processor = AutoImageProcessor.from_pretrained(path) if cls.image_token is not None else None
+        image_processor = load_image_processor(path) if cls.image_token is not None else None
         return cls(model=model, tokenizer=tokenizer, image_processor=image_processor, name=str(path), **options)
 
     # ---- family hooks ----------------------------------------------------------------------------------------

@@ -178,6 +178,18 @@ def test_folder_that_is_not_a_model(tmp_path):
         load_mllm(tmp_path / "nope")
 
 
+def test_image_processor_needing_torchvision_names_the_transformers_upgrade(mllm_folder, monkeypatch):
+    """transformers 5.5-5.17 raise "AutoImageProcessor requires the Torchvision library" (seen with 5.17 on CPU)."""
+    import metaqueries_core.mllm.base as base
+
+    def old_transformers(path):
+        raise ImportError("AutoImageProcessor requires the Torchvision library but it was not found")
+
+    monkeypatch.setattr(base.AutoImageProcessor, "from_pretrained", old_transformers)
+    with pytest.raises(ImportError, match=r"Torchvision library[\s\S]*pip install -U 'transformers>=5.18,<6'"):
+        load_mllm(mllm_folder("qwen2_5_vl"))
+
+
 @pytest.mark.parametrize("family", VISION_FAMILIES)
 def test_understanding_generate_runs(mllm_loader, family):
     out = mllm_loader(family).generate_text(["what colour is it?"], [[red()]], max_new_tokens=3)
