@@ -95,14 +95,17 @@ def make_accelerator(cfg: RunConfig, out: Path) -> Accelerator:
     log_with = None if cfg.train.report_to == "none" else cfg.train.report_to
     # without cpu=True accelerate treats `torchrun --nproc_per_node=N` on a machine without GPUs as N separate
     # single-process runs (each "rank 0", all writing the same folder) instead of one gloo process group
-    acc = Accelerator(
-        cpu=not has_accelerator(),
-        gradient_accumulation_steps=cfg.train.grad_accum,
-        mixed_precision=mp,
-        log_with=log_with,
-        project_dir=str(out),
-        step_scheduler_with_optimizer=False,  # the schedule is in optimizer steps: we step it once per step
-    )
+    try:
+        acc = Accelerator(
+            cpu=not has_accelerator(),
+            gradient_accumulation_steps=cfg.train.grad_accum,
+            mixed_precision=mp,
+            log_with=log_with,
+            project_dir=str(out),
+            step_scheduler_with_optimizer=False,  # the schedule is in optimizer steps: we step it once per step
+        )
+    except ImportError as e:  # e.g. a DeepSpeed launch without deepspeed installed
+        raise SetupError(f"accelerate cannot set up this launch: {e}") from e
     for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):  # accelerate launch says so in the environment
         if os.environ.get(f"ACCELERATE_USE_{kind.value}", "false").lower() == "true" and acc.distributed_type != kind:
             raise SetupError(

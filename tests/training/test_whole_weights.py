@@ -1,6 +1,6 @@
 """Sample grids under FSDP: sharded modules cannot sample on one process; whole copies built from the gathered state
 dict sample exactly as the trained modules do. Sharding is real FSDP2 (`fully_shard`) over a one-process gloo group,
-which runs on a CPU; FSDP launched without GPUs is refused."""
+which runs on a CPU. FSDP or DeepSpeed launched where they cannot run is refused with a message."""
 
 from __future__ import annotations
 
@@ -94,3 +94,16 @@ def test_fsdp_launched_without_a_gpu_is_refused(folders, tmp_path, monkeypatch, 
     err = capsys.readouterr().err
     assert "the launcher asked for FSDP but accelerate set up" in err and "torchrun" in err
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_deepspeed_launch_that_cannot_run_here_is_a_message(folders, tmp_path, monkeypatch, capsys):
+    """Without deepspeed installed accelerate raises ImportError; with it, a machine without GPUs is refused."""
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    AcceleratorState._reset_state(True)
+    try:
+        assert main(trainer_args(folders, tmp_path / "run", "--train.steps=2")) == 1
+    finally:
+        AcceleratorState._reset_state(True)
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "deepspeed" in err.lower()
+    assert not (tmp_path / "run").exists()
