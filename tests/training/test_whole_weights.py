@@ -14,10 +14,12 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType
 from mq_testutil import trainer_args
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from metaqueries_core.decoders import load_decoder
 from metaqueries_core.sampling import generate
+from training import trainer
 from training.config import RunConfig
 from training.config_io import load_config
 from training.model_setup import build_head, set_decoder_mode
@@ -70,10 +72,11 @@ def test_fsdp_shards_cannot_sample_but_whole_copies_of_the_gathered_state_can(fo
         expected = sample(mllm, step.head, decoder)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
+        mesh = init_device_mesh("cpu", (1,))  # the models are on the CPU, also on a machine with a GPU
         # what configs/accelerate/fsdp.yaml wraps: connector layers and Sana blocks, then the whole TrainStep
         for block in [*step.head.connector.layers, *decoder.denoiser.transformer_blocks]:
-            fully_shard(block)
-        fully_shard(step)
+            fully_shard(block, mesh=mesh)
+        fully_shard(step, mesh=mesh)
         with torch.no_grad(), pytest.raises(RuntimeError, match="DTensor"):
             sample(mllm, step.head, decoder)  # what the final grid did on a GPU before whole copies
         state = get_model_state_dict(step, options=StateDictOptions(full_state_dict=True))
@@ -85,6 +88,7 @@ def test_fsdp_shards_cannot_sample_but_whole_copies_of_the_gathered_state_can(fo
 
 
 def test_fsdp_launched_without_a_gpu_is_refused(folders, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(trainer, "has_accelerator", lambda: False)  # a machine without GPUs, wherever this runs
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # as `accelerate launch --config_file fsdp.yaml` sets it
     AcceleratorState._reset_state(True)
     try:
@@ -98,6 +102,7 @@ def test_fsdp_launched_without_a_gpu_is_refused(folders, tmp_path, monkeypatch, 
 
 def test_deepspeed_launch_that_cannot_run_here_is_a_message(folders, tmp_path, monkeypatch, capsys):
     """Without deepspeed installed accelerate raises ImportError; with it, a machine without GPUs is refused."""
+    monkeypatch.setattr(trainer, "has_accelerator", lambda: False)
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     AcceleratorState._reset_state(True)
     try:
