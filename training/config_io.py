@@ -23,7 +23,15 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
-__all__ = ["ConfigError", "config_from_dict", "config_to_dict", "load_config", "parse_override", "save_config"]
+__all__ = [
+    "ConfigError",
+    "config_from_dict",
+    "config_to_dict",
+    "describe_keys",
+    "load_config",
+    "parse_override",
+    "save_config",
+]
 
 T = TypeVar("T")
 
@@ -107,6 +115,19 @@ def save_config(obj: Any, path: str | os.PathLike[str]) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         yaml.safe_dump(config_to_dict(obj), f, sort_keys=False, allow_unicode=True)
     os.replace(tmp, path)
+
+
+def describe_keys(obj: Any, prefix: str = "") -> list[str]:
+    """One line per leaf key of a config object, dotted under its sections: ``key  (type; default value)``."""
+    lines = []
+    hints = _hints(type(obj))
+    for name in _init_fields(type(obj)):
+        key, value = _join(prefix, name), getattr(obj, name)
+        if dataclasses.is_dataclass(value):
+            lines += describe_keys(value, key)
+        else:
+            lines.append(f"{key}  ({_type_name(hints[name])}; default {config_to_dict(value)!r})")
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------------- internals

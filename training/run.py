@@ -11,13 +11,29 @@ import sys
 from pathlib import Path
 
 from .config import RunConfig
-from .config_io import ConfigError, load_config
+from .config_io import ConfigError, describe_keys, load_config
 
 INTERRUPTED = 130  # the shell's code for a run stopped by SIGINT
 
 
+def usage() -> str:
+    """This module's doc, then every key of the toy job and of a training config with its type and default."""
+    from .toyjob import ToyJobConfig
+
+    toy = "\n".join("  --" + line for line in describe_keys(ToyJobConfig()))
+    run = "\n".join("  --" + line for line in describe_keys(RunConfig()))
+    return (
+        f"{__doc__}\n\nThe toy job (`python -m training.run [--key=value ...]`), its keys and defaults:\n{toy}\n\n"
+        "A training run (`python -m training.run CONFIG.yaml [--section.key=value ...]`; examples in configs/), its "
+        f"keys and defaults:\n{run}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(usage())
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "diffusers", "accelerate", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -521,7 +522,7 @@ def run_toy_job(argv: list[str]) -> int:
     try:
         cfg = load_config(ToyJobConfig, None, argv)
     except ConfigError as e:
-        print(f"config error: {e}")
+        print(f"config error: {e}", file=sys.stderr)
         return 2
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)

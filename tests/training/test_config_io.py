@@ -7,7 +7,7 @@ from typing import Literal, Optional
 import pytest
 import yaml
 
-from training.config_io import ConfigError, config_to_dict, load_config, parse_override, save_config
+from training.config_io import ConfigError, config_to_dict, describe_keys, load_config, parse_override, save_config
 
 
 @dataclass
@@ -277,3 +277,9 @@ def test_optional_section_is_created_by_an_override(tmp_path):
     path = write_yaml(tmp_path, {"ema": {"weight_decay": 0.2}})
     assert load_config(WithOptionalSection, path, ["--ema=null"]).ema is None
     assert load_config(WithOptionalSection, path, ["--ema.lr=0.5"]).ema == OptimConfig(lr=0.5, weight_decay=0.2)
+
+
+def test_describe_keys_names_every_leaf_with_its_type_and_value():
+    lines = describe_keys(load_config(Config, None, ["--optim.lr=0.5"]))
+    assert "optim.lr  (float; default 0.5)" in lines  # the object's value: --help shows the defaults
+    assert len(lines) == len(set(lines)) and not any(line.startswith("optim  (") for line in lines)  # sections descend

@@ -147,7 +147,8 @@ def test_pixel_space_decoder_has_no_autoencoder(tmp_path):
 )
 def test_bad_settings_are_refused_before_any_work(tmp_path, capsys, arg, says):
     assert run_main([f"--out={tmp_path / 'toy'}", arg]) == 2
-    assert says in capsys.readouterr().out and not (tmp_path / "toy" / "work").exists()
+    out = capsys.readouterr()
+    assert says in out.err and not out.out and not (tmp_path / "toy" / "work").exists()
 
 
 def test_teach_weights_reach_the_teaching_and_its_stage_stamp(tmp_path):
@@ -192,7 +193,23 @@ def test_eval_cli_names_an_unreadable_checkpoint(tmp_path, capsys):
 
 def test_unknown_toy_option_is_refused(tmp_path, capsys):
     assert run_main([f"--out={tmp_path}", "--pretrain_stepz=3"]) == 2
-    assert "pretrain_stepz" in capsys.readouterr().out
+    assert "pretrain_stepz" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_lists_every_key_of_both_modes_and_runs_nothing(tmp_path, capsys, monkeypatch, flag):
+    monkeypatch.chdir(tmp_path)  # the toy job would write outputs/toy here
+    assert run_main([flag]) == 0
+    text = capsys.readouterr().out
+    for line in (
+        "--pretrain_steps  (int; default 1800)",
+        "--out  (str; default 'outputs/toy')",
+        "--train.steps  (int;",
+        "--model.connector.depth  (int;",
+        "--train.mixed_precision  (one of 'auto'",
+    ):
+        assert line in text, line
+    assert not list(tmp_path.iterdir())  # nothing was started
 
 
 @pytest.mark.slow
