@@ -33,14 +33,17 @@ def state_part(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.T
 
 
 def whole_head(head: MetaQueryHead, state: dict[str, torch.Tensor]) -> MetaQueryHead:
-    """A new head shaped like `head` with the `head.*` weights of a gathered state dict (fp32, on CPU)."""
-    fresh = MetaQueryHead(
-        num_queries=head.num_queries,
-        connector=head.connector.cfg,
-        system_prompt=head.system_prompt,
-        max_prompt_tokens=head.max_prompt_tokens,
-    )
-    fresh.load_state_dict({k: v.float().cpu() for k, v in state_part(state, "head.").items()})
+    """A new head shaped like `head` with the `head.*` weights of a gathered state dict (fp32, on CPU). Built on the
+    meta device, as `load_checkpoint` does: a random initialisation would be thrown away (about 30 s on 2 CPU threads
+    for the 1.6B-parameter head of the Qwen2.5-VL-3B recipe)."""
+    with torch.device("meta"):
+        fresh = MetaQueryHead(
+            num_queries=head.num_queries,
+            connector=head.connector.cfg,
+            system_prompt=head.system_prompt,
+            max_prompt_tokens=head.max_prompt_tokens,
+        )
+    fresh.load_state_dict({k: v.float().cpu() for k, v in state_part(state, "head.").items()}, assign=True)
     return fresh
 
 
