@@ -1,5 +1,8 @@
-"""The MetaQuery checkpoint: one .safetensors file with tensors `queries`, `connector.*` and optionally `decoder.*`,
-and a JSON config in its metadata (DESIGN.md section 3). Writes are atomic: a temp file renamed into place."""
+"""The MetaQuery checkpoint: one .safetensors file with tensors `queries` (and `queries.lead` for lead slots),
+`connector.*` and optionally `decoder.*`, and a JSON config in its metadata (DESIGN.md section 3). Writes are atomic:
+a temp file renamed into place.
+
+Format versions: 1 as first written; 2 adds `prompt_suffix` and `lead_slots` (defaults: what version 1 meant)."""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from safetensors.torch import save_file
 from .connector import ConnectorConfig
 from .head import MetaQueryHead
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 METADATA_KEY = "metaqueries_config"
 Stage = Literal["pretrain", "instruct"]
 
@@ -32,6 +35,8 @@ class MetaQueryConfig:
     stage: Stage = "pretrain"
     system_prompt: str | None = None
     max_prompt_tokens: int = 256
+    prompt_suffix: str = ""  # text between the generation prompt and the slots
+    lead_slots: int = 0  # learned slots before the queries, not read out (`queries.lead`)
     mllm_name: str = ""  # a hint for users (folder name), never used to pick code
     decoder_name: str = ""
     format_version: int = FORMAT_VERSION
@@ -55,6 +60,17 @@ class MetaQueryConfig:
         data["connector"] = ConnectorConfig(**data["connector"])
         return cls(**data)
 
+    def head_settings(self) -> dict:
+        """`MetaQueryHead(**config.head_settings())`: the head this checkpoint holds, untrained."""
+        return {
+            "num_queries": self.num_queries,
+            "connector": self.connector,
+            "system_prompt": self.system_prompt,
+            "max_prompt_tokens": self.max_prompt_tokens,
+            "prompt_suffix": self.prompt_suffix,
+            "lead_slots": self.lead_slots,
+        }
+
 
 def save_checkpoint(
     path: str | Path,
@@ -63,12 +79,15 @@ def save_checkpoint(
     decoder_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write queries + connector (+ decoder weights when trained) atomically."""
-    if head.num_queries != config.num_queries or head.queries.width != config.mllm_width:
-        raise ValueError(
-            f"head has {head.num_queries} queries of width {head.queries.width}, config says "
-            f"{config.num_queries} of width {config.mllm_width}"
-        )
+    ours, theirs = (
+        {**head.settings(), "mllm_width": head.queries.width},
+        {**config.head_settings(), "mllm_width": config.mllm_width},
+    )
+    if differences := [f"{k} {ours[k]!r} (config {theirs[k]!r})" for k in ours if ours[k] != theirs[k]]:
+        raise ValueError(f"the head is not the one its config describes: head has {'; '.join(differences)}")
     tensors = {"queries": head.queries.queries.detach()}
+    if head.queries.lead is not None:
+        tensors["queries.lead"] = head.queries.lead.detach()
     tensors.update({f"connector.{k}": v.detach() for k, v in head.connector.state_dict().items()})
     for k, v in (decoder_state or {}).items():
         tensors[f"decoder.{k}"] = v.detach()
@@ -107,12 +126,7 @@ def load_checkpoint(
     """-> (config, head with weights loaded, decoder state dict (empty when the decoder was frozen))."""
     config = read_config(path)
     with torch.device("meta"):
-        head = MetaQueryHead(
-            num_queries=config.num_queries,
-            connector=config.connector,
-            system_prompt=config.system_prompt,
-            max_prompt_tokens=config.max_prompt_tokens,
-        )
+        head = MetaQueryHead(**config.head_settings())
     state, decoder_state = {}, {}
     with safe_open(str(path), framework="pt", device=str(device)) as f:
         for key in f.keys():
@@ -163,13 +177,10 @@ def config_for(head: MetaQueryHead, *, mllm: Any, decoder: Any, stage: Stage = "
     return MetaQueryConfig(
         mllm_family=mllm.model.config.model_type,
         mllm_width=mllm.width,
-        num_queries=head.num_queries,
-        connector=head.connector.cfg,
         decoder_family=decoder.family,
         decoder_text_width=decoder.text_width,
         stage=stage,
-        system_prompt=head.system_prompt,
-        max_prompt_tokens=head.max_prompt_tokens,
+        **head.settings(),
         mllm_name=Path(mllm.name).name,
         decoder_name=Path(getattr(decoder, "name", "") or "").name,
     )

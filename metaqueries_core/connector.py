@@ -1,9 +1,13 @@
 """The trainable connector ("Enc-Proj"): a bidirectional transformer encoder over the N query states, then a
 projection into the decoder's text width.
 
-Default layout follows the MetaQuery reference (Qwen2-style layers: RMSNorm, RoPE over query positions, QK RMS-norm,
-SwiGLU MLP; then Linear-GELU(tanh)-Linear-RMSNorm). OpenUni's layout (SigLIP-style layers with LayerNorm and a GELU
-MLP, no positional encoding, one Linear) is the same module with other settings.
+Layer styles:
+- "qwen2" (this pack's default): Qwen2-style layers (RMSNorm, RoPE over query positions, QK RMS-norm shared by the
+  heads before RoPE, SwiGLU MLP) and a final RMSNorm;
+- "reference": the MetaQuery reference code's encoder exactly (the same layers, but RoPE first and then an RMS qk-norm
+  with a scale per head; no final norm), so its checkpoints import (`metaqueries_core.importers`);
+- "siglip": OpenUni's layout (LayerNorm, GELU MLP; with pos_embed "none" and projection "linear").
+Then Linear-GELU(tanh)-Linear-RMSNorm ("mlp_norm") or one Linear into the decoder's text width.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-LayerStyle = Literal["qwen2", "siglip"]
+LayerStyle = Literal["qwen2", "reference", "siglip"]
 Projection = Literal["mlp_norm", "linear"]
 
 
@@ -34,6 +38,7 @@ class ConnectorConfig:
     qk_norm: bool = True
     projection: Projection = "mlp_norm"
     out_norm_scale: float = 1.0  # RMSNorm weight at init: sqrt(5.5) for Sana, 1 for SD1.5
+    out_norm_eps: float = 1e-6  # the reference's output RMSNorm (diffusers') uses 1e-5
     init_std: float = 0.014
     rope_theta: float = 10000.0
     # > 0: a learned embedding per query slot added to the output. The decoder's cross-attention has no positions
@@ -42,14 +47,18 @@ class ConnectorConfig:
     num_slots: int = 0
 
     def __post_init__(self) -> None:
-        if self.layer_style not in ("qwen2", "siglip"):
-            raise ValueError(f"layer_style {self.layer_style!r} not in ['qwen2', 'siglip']")
+        if self.layer_style not in ("qwen2", "reference", "siglip"):
+            raise ValueError(f"layer_style {self.layer_style!r} not in ['qwen2', 'reference', 'siglip']")
+        if self.layer_style == "reference" and not self.qk_norm:
+            raise ValueError("layer_style 'reference' always has its per-head qk-norm; qk_norm must be true")
         if self.projection not in ("mlp_norm", "linear"):
             raise ValueError(f"projection {self.projection!r} not in ['linear', 'mlp_norm']")
         if self.pos_embed not in ("rope", "none"):
             raise ValueError(f"pos_embed {self.pos_embed!r} not in ['none', 'rope']")
         if self.depth < 0:
             raise ValueError(f"depth must be >= 0, got {self.depth}")
+        if self.out_norm_eps <= 0:
+            raise ValueError(f"out_norm_eps must be > 0, got {self.out_norm_eps}")
         if self.num_slots < 0:
             raise ValueError(f"num_slots must be >= 0 (0: no slot embedding), got {self.num_slots}")
         if self.inner_width % self.num_heads:
@@ -91,6 +100,17 @@ class RMSNorm(nn.RMSNorm):
         return super().forward(x.to(self.weight.dtype))
 
 
+class HeadRMSNorm(nn.Module):
+    """The reference's qk-norm: x / |x| * sqrt(d), scaled per head and channel by a (H, 1, d) weight."""
+
+    def __init__(self, heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(heads, 1, head_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=-1) * self.weight * x.shape[-1] ** 0.5  # (B, H, N, d)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ConnectorConfig) -> None:
         super().__init__()
@@ -101,16 +121,25 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(w, w, bias=True)
         self.o_proj = nn.Linear(w, w, bias=bias)
         head_dim = w // self.heads
-        self.q_norm = RMSNorm(head_dim, eps=1e-6) if cfg.qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(head_dim, eps=1e-6) if cfg.qk_norm else nn.Identity()
+        # the reference normalises after RoPE with a scale per head; the other styles before RoPE, shared by heads
+        self.norm_after_rope = cfg.layer_style == "reference"
+        if not cfg.qk_norm:
+            self.q_norm, self.k_norm = nn.Identity(), nn.Identity()
+        elif self.norm_after_rope:
+            self.q_norm, self.k_norm = HeadRMSNorm(self.heads, head_dim), HeadRMSNorm(self.heads, head_dim)
+        else:
+            self.q_norm, self.k_norm = RMSNorm(head_dim, eps=1e-6), RMSNorm(head_dim, eps=1e-6)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = (
             rearrange(p(x), "b n (h d) -> b h n d", h=self.heads) for p in (self.q_proj, self.k_proj, self.v_proj)
         )
-        q, k = self.q_norm(q), self.k_norm(k)  # (B, H, N, d)
+        if not self.norm_after_rope:
+            q, k = self.q_norm(q), self.k_norm(k)  # (B, H, N, d)
         if self.cfg.pos_embed == "rope":
             q, k = rope(q, self.cfg.rope_theta), rope(k, self.cfg.rope_theta)
+        if self.norm_after_rope:
+            q, k = self.q_norm(q), self.k_norm(k)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=False)  # bidirectional: (B, H, N, d)
         return self.o_proj(rearrange(out, "b h n d -> b n (h d)"))
 
@@ -119,7 +148,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: ConnectorConfig) -> None:
         super().__init__()
         w, hidden = cfg.inner_width, int(cfg.inner_width * cfg.mlp_ratio)
-        self.swiglu = cfg.layer_style == "qwen2"
+        self.swiglu = cfg.layer_style != "siglip"
         if self.swiglu:
             self.gate_proj = nn.Linear(w, hidden, bias=False)
             self.up_proj = nn.Linear(w, hidden, bias=False)
@@ -139,7 +168,7 @@ class EncoderLayer(nn.Module):
         super().__init__()
         norm = (
             (lambda: RMSNorm(cfg.inner_width, eps=1e-6))
-            if cfg.layer_style == "qwen2"
+            if cfg.layer_style != "siglip"
             else (lambda: nn.LayerNorm(cfg.inner_width, eps=1e-6))
         )
         self.norm1, self.attn, self.norm2, self.mlp = norm(), Attention(cfg), norm(), MLP(cfg)
@@ -158,16 +187,16 @@ class Connector(nn.Module):
         w = cfg.inner_width
         self.in_proj = nn.Linear(cfg.in_width, w) if w != cfg.in_width else nn.Identity()
         self.layers = nn.ModuleList([EncoderLayer(cfg) for _ in range(cfg.depth)])
-        if cfg.depth:
-            self.norm = RMSNorm(w, eps=1e-6) if cfg.layer_style == "qwen2" else nn.LayerNorm(w, eps=1e-6)
-        else:
+        if not cfg.depth or cfg.layer_style == "reference":  # the reference's encoder ends without a norm
             self.norm = nn.Identity()
+        else:
+            self.norm = RMSNorm(w, eps=1e-6) if cfg.layer_style == "qwen2" else nn.LayerNorm(w, eps=1e-6)
         if cfg.projection == "mlp_norm":
             self.proj = nn.Sequential(
                 nn.Linear(w, cfg.out_width),
                 nn.GELU(approximate="tanh"),
                 nn.Linear(cfg.out_width, cfg.out_width),
-                RMSNorm(cfg.out_width, eps=1e-6),
+                RMSNorm(cfg.out_width, eps=cfg.out_norm_eps),
             )
         else:
             self.proj = nn.Linear(w, cfg.out_width)

@@ -21,17 +21,37 @@ class MetaQueryHead(nn.Module):
         connector: ConnectorConfig,
         system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
         max_prompt_tokens: int = 256,
+        prompt_suffix: str = "",
+        lead_slots: int = 0,
     ) -> None:
+        """`prompt_suffix`: text after the assistant generation prompt, before the slots; `lead_slots`: learned slots
+        before the queries whose states are not read out (the reference code's "\\n<begin_of_img>" is
+        prompt_suffix "\\n" and one lead slot)."""
         super().__init__()
         # the prompt format is part of what was trained: it travels with the checkpoint, not with the MLLM
         self.system_prompt = system_prompt
         self.max_prompt_tokens = max_prompt_tokens
-        self.queries = MetaQueries(num_queries=num_queries, width=connector.in_width, init_std=connector.init_std)
+        self.prompt_suffix = prompt_suffix
+        self.queries = MetaQueries(
+            num_queries=num_queries, width=connector.in_width, init_std=connector.init_std, lead_slots=lead_slots
+        )
         self.connector = Connector(connector)
 
     @property
     def num_queries(self) -> int:
         return self.queries.num_queries
+
+    def settings(self) -> dict:
+        """The constructor's arguments: `MetaQueryHead(**head.settings())` is an untrained head of the same shape and
+        prompt format."""
+        return {
+            "num_queries": self.num_queries,
+            "connector": self.connector.cfg,
+            "system_prompt": self.system_prompt,
+            "max_prompt_tokens": self.max_prompt_tokens,
+            "prompt_suffix": self.prompt_suffix,
+            "lead_slots": self.queries.lead_slots,
+        }
 
     def prepare(
         self, mllm: MLLMAdapter, prompts: list[str], images: list[list[Image.Image]] | None = None
@@ -40,14 +60,16 @@ class MetaQueryHead(nn.Module):
         return mllm.prepare(
             prompts,
             images,
-            num_queries=self.num_queries,
+            num_queries=self.queries.lead_slots + self.num_queries,
             system_prompt=self.system_prompt,
             max_prompt_tokens=self.max_prompt_tokens,
+            prompt_suffix=self.prompt_suffix,
         )
 
     def states(self, mllm: MLLMAdapter, batch: PromptBatch, *, prefix_cache: bool = False) -> torch.Tensor:
         """MLLM last-layer states at the query positions: (B, N, D) on the MLLM's device and dtype."""
-        return mllm.query_states(batch, self.queries(), prefix_cache=prefix_cache)
+        states = mllm.query_states(batch, self.queries(), prefix_cache=prefix_cache)  # (B, P + N, D)
+        return states[:, self.queries.lead_slots :]
 
     def connect(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Query states -> (cond (B, N, C), mask (B, N)) on the head's device and dtype; the mask is all ones (every

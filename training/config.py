@@ -19,11 +19,13 @@ class ConnectorSection:
     width: int | None = None  # None: the MLLM width
     heads: int | None = None  # None: width // 64
     mlp_ratio: float = 4.0
-    layer_style: Literal["qwen2", "siglip"] = "qwen2"
+    # "reference": the MetaQuery reference code's layers exactly (what its imported checkpoints use)
+    layer_style: Literal["qwen2", "reference", "siglip"] = "qwen2"
     pos_embed: Literal["rope", "none"] = "rope"
     qk_norm: bool = True
     projection: Literal["mlp_norm", "linear"] = "mlp_norm"
     out_norm_scale: float | None = None  # None: sqrt(5.5) for Sana, 1.0 for SD1.5 (reference)
+    out_norm_eps: float = 1e-6  # the reference's output norm: 1e-5
     init_std: float = 0.014
     # a learned embedding per query slot on the output (metaqueries_core.connector.ConnectorConfig.num_slots): off
     # in the reference; the toy world's two-object prompts need it to bind colours to shapes
@@ -35,6 +37,7 @@ class ConnectorSection:
         at_least("model.connector.heads", self.heads, 1, " (or null: width // 64)")
         above("model.connector.mlp_ratio", self.mlp_ratio, 0)
         above("model.connector.out_norm_scale", self.out_norm_scale, 0, " (or null: sqrt(5.5) for Sana, 1 for SD1.5)")
+        above("model.connector.out_norm_eps", self.out_norm_eps, 0)
         above("model.connector.init_std", self.init_std, 0)
 
 
@@ -49,6 +52,8 @@ class ModelSection:
     queries_init_text: str | None = None
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
     max_prompt_tokens: int = 256
+    prompt_suffix: str = ""  # text between the generation prompt and the query slots (reference imports: "\n")
+    lead_slots: int = 0  # learned slots before the queries, not read out (reference imports: 1, its <begin_of_img>)
     connector: ConnectorSection = field(default_factory=ConnectorSection)
     decoder_mode: Literal["frozen", "full", "lora"] = "frozen"  # the MLLM is always frozen
     lora_rank: int = 16
@@ -60,6 +65,7 @@ class ModelSection:
     def __post_init__(self) -> None:
         at_least("model.num_queries", self.num_queries, 1)
         at_least("model.max_prompt_tokens", self.max_prompt_tokens, 1)
+        at_least("model.lead_slots", self.lead_slots, 0)
         at_least("model.lora_rank", self.lora_rank, 1)
         above("model.train_shift", self.train_shift, 0, " (1.0 = uniform noise levels)")
 

@@ -77,6 +77,8 @@ def build_head(cfg: ModelSection, mllm: MLLMAdapter, decoder: DecoderAdapter) ->
         connector=connector,
         system_prompt=cfg.system_prompt,
         max_prompt_tokens=cfg.max_prompt_tokens,
+        prompt_suffix=cfg.prompt_suffix,
+        lead_slots=cfg.lead_slots,
     )
     if cfg.queries_init_text is not None:
         init_queries_from_text(head, mllm, cfg.queries_init_text)
@@ -101,6 +103,7 @@ def connector_config(cfg: ModelSection, mllm: MLLMAdapter, decoder: DecoderAdapt
         qk_norm=c.qk_norm,
         projection=c.projection,
         out_norm_scale=scale,
+        out_norm_eps=c.out_norm_eps,
         init_std=c.init_std,
         num_slots=cfg.num_queries if c.slot_embed else 0,
     )
@@ -115,12 +118,14 @@ def head_differences(cfg: ModelSection, connector: ConnectorConfig, loaded: Meta
         "model.num_queries": (cfg.num_queries, loaded.num_queries),
         "model.system_prompt": (cfg.system_prompt, loaded.system_prompt),
         "model.max_prompt_tokens": (cfg.max_prompt_tokens, loaded.max_prompt_tokens),
+        "model.prompt_suffix": (cfg.prompt_suffix, loaded.prompt_suffix),
+        "model.lead_slots": (cfg.lead_slots, loaded.lead_slots),
         "model.connector.width": (connector.inner_width, theirs.inner_width),
         "model.connector.heads": (connector.num_heads, theirs.num_heads),
         "model.connector.slot_embed": (connector.num_slots > 0, theirs.num_slots > 0),
         **{
             f"model.connector.{name}": (getattr(connector, name), getattr(theirs, name))
-            for name in ("depth", "mlp_ratio", "layer_style", "pos_embed", "qk_norm", "projection")
+            for name in ("depth", "mlp_ratio", "layer_style", "pos_embed", "qk_norm", "projection", "out_norm_eps")
         },
     }
     return [f"{key} {ours!r} (checkpoint {ckpt!r})" for key, (ours, ckpt) in pairs.items() if ours != ckpt]

@@ -37,12 +37,7 @@ def whole_head(head: MetaQueryHead, state: dict[str, torch.Tensor]) -> MetaQuery
     meta device, as `load_checkpoint` does: a random initialisation would be thrown away (about 30 s on 2 CPU threads
     for the 1.6B-parameter head of the Qwen2.5-VL-3B recipe)."""
     with torch.device("meta"):
-        fresh = MetaQueryHead(
-            num_queries=head.num_queries,
-            connector=head.connector.cfg,
-            system_prompt=head.system_prompt,
-            max_prompt_tokens=head.max_prompt_tokens,
-        )
+        fresh = MetaQueryHead(**head.settings())
     fresh.load_state_dict({k: v.float().cpu() for k, v in state_part(state, "head.").items()}, assign=True)
     return fresh
 

@@ -200,10 +200,12 @@ class MLLMAdapter(ABC):
         *,
         system_prompt: str | None | Default = DEFAULT,
         max_prompt_tokens: int | None = None,
+        prompt_suffix: str = "",
     ) -> tuple[list[list[int]], list[torch.Tensor], dict[str, Any]]:
         """Chat-formatted token rows (image placeholders expanded to the feature counts), the vision features per
         image (each (n_i, D)) and the family's pixel kwargs. The features follow the caller's gradient mode:
-        `prepare` runs without gradient, teaching with it (the vision tower learns there)."""
+        `prepare` runs without gradient, teaching with it (the vision tower learns there). `prompt_suffix` is text
+        after the generation prompt, tokenised with it (a checkpoint's prompt format)."""
         system_prompt = self.system_prompt if system_prompt is DEFAULT else system_prompt
         max_tokens = self.max_prompt_tokens if max_prompt_tokens is None else max_prompt_tokens
         if isinstance(prompts, str):
@@ -214,6 +216,7 @@ class MLLMAdapter(ABC):
         rows = []
         for caption, sample_images in zip(prompts, images):
             text = self.render(self.truncate_caption(caption, max_tokens), len(sample_images), system_prompt)
+            text += prompt_suffix
             if sample_images:
                 parts = text.split(self.image_token)
                 if len(parts) != len(sample_images) + 1:
@@ -245,13 +248,19 @@ class MLLMAdapter(ABC):
         num_queries: int = 0,
         system_prompt: str | None | Default = DEFAULT,
         max_prompt_tokens: int | None = None,
+        prompt_suffix: str = "",
     ) -> PromptBatch:
         """Tokenise prompts (+ images), left-pad, append `num_queries` slots, embed with vision features merged.
 
-        `system_prompt` / `max_prompt_tokens` default to the adapter's; a checkpoint passes the ones it was trained with.
+        `system_prompt` / `max_prompt_tokens` default to the adapter's; a checkpoint passes the ones it was trained
+        with, and its `prompt_suffix` (text between the generation prompt and the slots).
         """
         rows, feats, extra = self.tokenize(
-            prompts, images, system_prompt=system_prompt, max_prompt_tokens=max_prompt_tokens
+            prompts,
+            images,
+            system_prompt=system_prompt,
+            max_prompt_tokens=max_prompt_tokens,
+            prompt_suffix=prompt_suffix,
         )
         input_ids, attention_mask = left_pad(rows, self.pad_id, num_queries)  # (B, L)
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)

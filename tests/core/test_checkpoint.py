@@ -29,6 +29,40 @@ def test_round_trip_is_exact(saved):
     assert loaded.system_prompt == head.system_prompt and loaded.max_prompt_tokens == head.max_prompt_tokens
 
 
+def test_version_1_checkpoints_load_with_the_defaults_they_meant(saved, tmp_path):
+    """Version 2 added prompt_suffix, lead_slots and the connector's out_norm_eps; a version-1 file has none."""
+    path, head, _ = saved
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        data = json.loads(f.metadata()[ckpt.METADATA_KEY])
+    for key in ("prompt_suffix", "lead_slots"):
+        del data[key]
+    del data["connector"]["out_norm_eps"]
+    data["format_version"] = 1
+    old = tmp_path / "v1.safetensors"
+    save_file(tensors, str(old), metadata={ckpt.METADATA_KEY: json.dumps(data), "format": "pt"})
+    config, loaded, _ = ckpt.load_checkpoint(old)
+    assert (config.prompt_suffix, config.lead_slots, config.connector.out_norm_eps) == ("", 0, 1e-6)
+    states = torch.randn(2, head.num_queries, head.queries.width)
+    torch.testing.assert_close(loaded.connect(states)[0], head.connect(states)[0], rtol=0, atol=0)
+
+
+def test_lead_slots_and_prompt_suffix_round_trip(tmp_path, mllm_loader, decoder_loader):
+    from metaqueries_core.connector import ConnectorConfig
+    from metaqueries_core.head import MetaQueryHead
+
+    mllm, decoder = mllm_loader("qwen2_5_vl"), decoder_loader("sana")
+    connector = ConnectorConfig(in_width=mllm.width, out_width=decoder.text_width, depth=1, layer_style="reference")
+    head = MetaQueryHead(num_queries=4, connector=connector, prompt_suffix="\n", lead_slots=2)
+    config = ckpt.config_for(head, mllm=mllm, decoder=decoder)
+    loaded_config, loaded, _ = ckpt.load_checkpoint(ckpt.save_checkpoint(tmp_path / "lead.safetensors", head, config))
+    assert (loaded_config.prompt_suffix, loaded_config.lead_slots) == ("\n", 2)
+    assert torch.equal(loaded.queries.lead, head.queries.lead) and loaded.prompt_suffix == "\n"
+    batch = loaded.prepare(mllm, ["a red circle"])
+    suffix_id = mllm.tokenizer("\n", add_special_tokens=False)["input_ids"][-1]
+    assert batch.num_queries == 6 and batch.input_ids[0, -7] == suffix_id  # the suffix, then 2 + 4 slots
+
+
 def test_slot_embedding_round_trips(tmp_path, mllm_loader, decoder_loader, make_head):
     mllm, decoder = mllm_loader("qwen2_5_vl"), decoder_loader("sana")
     head = make_head(mllm, decoder, slot_embed=True)
@@ -113,5 +147,5 @@ def test_failed_write_keeps_previous_file(saved, monkeypatch):
 def test_config_head_mismatch_refused(saved, tmp_path):
     _, head, config = saved
     bad = ckpt.MetaQueryConfig(**{**config.__dict__, "num_queries": 3})
-    with pytest.raises(ValueError, match="head has 8 queries"):
+    with pytest.raises(ValueError, match=r"head has num_queries 8 \(config 3\)"):
         ckpt.save_checkpoint(tmp_path / "x.safetensors", head, bad)

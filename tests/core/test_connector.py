@@ -59,6 +59,8 @@ def test_openuni_layout_has_one_linear_projection():
         (dict(projection="mlp"), "projection 'mlp'"),
         (dict(heads=5), "not divisible by 5 heads"),
         (dict(heads=64), r"rotary positions need an even head size; encoder width 64 / 64 heads = 1"),
+        (dict(layer_style="reference", qk_norm=False), "'reference' always has its per-head qk-norm"),
+        (dict(out_norm_eps=0.0), "out_norm_eps must be > 0, got 0.0"),
     ],
 )
 def test_bad_config_is_named(bad, message):

@@ -90,3 +90,26 @@ def test_init_checkpoint_loads_the_head_it_holds_and_refuses_a_config_describing
     ):
         assert part in str(err.value)
     assert "heads" not in str(err.value)  # 4 on both sides
+
+
+def test_reference_layout_with_a_lead_slot_trains_and_reloads(tmp_path, mllm_loader, decoder_loader):
+    """The settings an imported reference checkpoint has (metaqueries_core.importers) are trainable keys: the lead
+    slot gets gradient although its state is not read out, and init_checkpoint names a config that leaves them out."""
+    mllm, decoder = mllm_loader("qwen2_5_vl"), decoder_loader("sana")
+    connector = ConnectorSection(depth=1, layer_style="reference", out_norm_eps=1e-5)
+    section = ModelSection(num_queries=4, prompt_suffix="\n", lead_slots=1, connector=connector)
+    head = build_head(section, mllm, decoder)
+    assert head.queries().shape == (5, mllm.width)  # lead slot first
+    cond, _ = head.encode(mllm, ["a red circle", "a blue square on the left"])
+    assert cond.shape == (2, 4, decoder.text_width)
+    cond.square().mean().backward()
+    assert head.queries.lead.grad.abs().sum() > 0 and head.queries.queries.grad.abs().sum() > 0
+    assert all(p.grad is None for p in mllm.model.parameters())
+
+    ckpt = save_checkpoint(tmp_path / "ref.safetensors", head, config_for(head, mllm=mllm, decoder=decoder))
+    same = ModelSection(**{**section.__dict__, "init_checkpoint": str(ckpt)})
+    assert torch.equal(build_head(same, mllm, decoder).queries.lead, head.queries.lead)
+    with pytest.raises(ValueError, match="holds a different head") as err:
+        build_head(ModelSection(num_queries=4, init_checkpoint=str(ckpt), connector=connector), mllm, decoder)
+    assert "model.prompt_suffix '' (checkpoint '\\n')" in str(err.value)
+    assert "model.lead_slots 0 (checkpoint 1)" in str(err.value)
