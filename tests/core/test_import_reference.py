@@ -1,0 +1,287 @@
+"""Importing checkpoints of the MetaQuery reference trainer: a folder laid out as that trainer saves its `MetaQuery`
+model (config.json with model_type "metaquery", the whole model's tensors under `model.mllm_backbone.`,
+`model.connector.`, `model.transformer.`, `vae.`), built here from tiny models, must import into a head whose query
+states and conditioning equal what the reference computes.
+
+The reference's computation is written out below from its published description (Qwen2 encoder layers from
+transformers, RoPE then a per-head RMS qk-norm, no final encoder norm, diffusers' RMSNorm on the output; queries as
+added vocabulary rows after "\\n<begin_of_img>"), independently of this pack's connector code."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import SanaTransformer2DModel
+from diffusers.models.normalization import RMSNorm as DiffusersRMSNorm
+from safetensors.torch import save_file
+from torch import nn
+from transformers import AutoModelForImageTextToText, Qwen2Config
+from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP, Qwen2RMSNorm, apply_rotary_pos_emb
+
+from metaqueries_core.checkpoint import apply_decoder_state, check_compatible, load_checkpoint
+from metaqueries_core.connector import Connector
+from metaqueries_core.decoders import load_decoder
+from metaqueries_core.importers import import_reference
+from metaqueries_core.importers.reference import connector_config, connector_state, main
+from metaqueries_core.importers.weights import WeightsFolder
+from metaqueries_core.sampling import Guidance, generate
+
+SYSTEM = "Describe the picture."
+
+
+class RefQKNorm(nn.Module):
+    def __init__(self, heads: int, dim: int) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(heads, 1, dim))
+
+    def forward(self, x):
+        return F.normalize(x, dim=-1) * self.gamma * x.shape[-1] ** 0.5
+
+
+class RefAttention(nn.Module):
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, width // heads
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(width, width) for _ in range(3))
+        self.o_proj = nn.Linear(width, width, bias=False)
+        self.q_norm, self.k_norm = RefQKNorm(heads, self.head_dim), RefQKNorm(heads, self.head_dim)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = (
+            p(x).view(b, n, self.heads, self.head_dim).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        inv_freq = 1.0 / 10000 ** (torch.arange(0, self.head_dim, 2).float() / self.head_dim)
+        angles = torch.outer(torch.arange(n).float(), inv_freq)
+        emb = torch.cat([angles, angles], -1)[None]  # (1, N, d)
+        q, k = apply_rotary_pos_emb(q, k, emb.cos(), emb.sin())
+        q, k = self.q_norm(q), self.k_norm(k)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class RefLayer(nn.Module):
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        config = Qwen2Config(
+            hidden_size=width, intermediate_size=4 * width, num_attention_heads=heads, hidden_act="silu"
+        )
+        self.self_attn = RefAttention(width, heads)
+        self.mlp = Qwen2MLP(config)
+        self.input_layernorm = Qwen2RMSNorm(width, eps=1e-6)
+        self.post_attention_layernorm = Qwen2RMSNorm(width, eps=1e-6)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.input_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class RefEncoder(nn.Module):
+    def __init__(self, width: int, heads: int, depth: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(RefLayer(width, heads) for _ in range(depth))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def reference_connector(width: int, out_width: int, depth: int, seed: int = 0) -> nn.Sequential:
+    """The reference connector with every weight random (norm scales too, so their layout matters)."""
+    torch.manual_seed(seed)
+    connector = nn.Sequential(
+        RefEncoder(width, max(1, width // 64), depth),
+        nn.Linear(width, out_width),
+        nn.GELU(approximate="tanh"),
+        nn.Linear(out_width, out_width),
+        DiffusersRMSNorm(out_width, eps=1e-5, elementwise_affine=True),
+    )
+    with torch.no_grad():
+        for name, p in connector.named_parameters():
+            p.copy_(1 + 0.3 * torch.randn_like(p) if p.ndim == 1 or "gamma" in name else 0.08 * torch.randn_like(p))
+    return connector.eval()
+
+
+def test_reference_connector_layout_is_reproduced(tmp_path):
+    ref = reference_connector(128, 48, depth=2)  # two heads: the per-head scales differ
+    with torch.no_grad():  # small inputs to the output norm, where its eps shows
+        ref[3].weight.mul_(0.01), ref[3].bias.mul_(0.01)
+    save_file({f"model.connector.{k}": v for k, v in ref.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    state = connector_state(WeightsFolder(tmp_path))
+    cfg = connector_config(state, 128, "sana")
+    assert (cfg.depth, cfg.num_heads, cfg.out_width, cfg.layer_style) == (2, 2, 48, "reference")
+    ours = Connector(cfg).eval()
+    ours.load_state_dict(state, strict=True)
+    x = torch.randn(3, 7, 128)  # (B, N, W)
+    with torch.no_grad():
+        expected, got = ref(x), ours(x)
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
+        for layer in ours.layers:  # the test can fail: normalising before RoPE gives another result
+            layer.attn.norm_after_rope = False
+        assert (ours(x) - expected).abs().max() > 1e-2
+
+
+def write_reference_folder(folder, mllm_path, decoder_path, *, num_queries=8, depth=2, freeze_decoder=False):
+    """What the reference trainer saves for a tiny Qwen2.5-VL + Sana MetaQuery, in two shards with an index.
+    Returns (connector, added embedding rows (N + 2, D), the fine-tuned denoiser's state)."""
+    mllm = AutoModelForImageTextToText.from_pretrained(mllm_path)
+    torch.manual_seed(1)
+    backbone = dict(mllm.state_dict())
+    key = next(k for k in backbone if k.endswith("embed_tokens.weight"))
+    added = torch.randn(num_queries + 2, backbone[key].shape[1]) * 0.5
+    backbone[key] = torch.cat([backbone[key], added])
+    denoiser = SanaTransformer2DModel.from_pretrained(decoder_path / "transformer")
+    tuned = {k: v + 0.01 * torch.randn_like(v) for k, v in denoiser.state_dict().items()}
+    connector = reference_connector(added.shape[1], denoiser.config.caption_channels, depth)
+    shards = {
+        "model-00001-of-00002.safetensors": {f"model.mllm_backbone.{k}": v for k, v in backbone.items()},
+        "model-00002-of-00002.safetensors": {
+            **{f"model.connector.{k}": v for k, v in connector.state_dict().items()},
+            **{f"model.transformer.{k}": v for k, v in tuned.items()},
+            "vae.decoder.conv_out.weight": torch.zeros(3, 4, 3, 3),
+        },
+    }
+    folder.mkdir(parents=True)
+    for name, tensors in shards.items():
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / name))
+    index = {"weight_map": {k: name for name, tensors in shards.items() for k in tensors}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    frozen = ["vae", "model.mllm_backbone"] + (["model.transformer"] if freeze_decoder else [])
+    config = {
+        "model_type": "metaquery",
+        "num_metaqueries": num_queries,
+        "connector_num_hidden_layers": depth,
+        "system_prompt": SYSTEM,
+        "max_input_text_tokens": 256,
+        "modules_to_freeze": frozen,
+        "modules_to_unfreeze": ["model.mllm_backbone.model.embed_tokens"],
+        "mllm_id": "/models/Qwen2.5-VL-3B-Instruct",
+        "diffusion_model_id": "/models/Sana_1600M_512px_diffusers",
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    return connector, added, tuned
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_root, mllm_folder, decoder_loader):
+    decoder_loader("sana")  # writes the tiny Sana folder
+    root = tmp_path_factory.mktemp("reference")
+    mllm_path, decoder_path = mllm_folder("qwen2_5_vl"), tiny_root / "decoder_sana"
+    connector, added, tuned = write_reference_folder(root / "checkpoint-1000", mllm_path, decoder_path)
+    return root, mllm_path, decoder_path, connector, added, tuned
+
+
+def reference_query_states(mllm_path, mllm, added, prompt, num_queries):
+    """The reference's read-out for one unpadded prompt: the MLLM with its vocabulary grown by the added rows,
+    fed "<template>\\n<begin_of_img><img0>..<imgN-1><end_of_img>" as token ids; states at the <img*> positions."""
+    model = AutoModelForImageTextToText.from_pretrained(mllm_path).eval()
+    base = model.get_input_embeddings().weight.shape[0]
+    model.resize_token_embeddings(base + num_queries + 2)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[base:] = added
+    text_ids = mllm.tokenizer(mllm.render(prompt, 0, SYSTEM) + "\n", add_special_tokens=False)["input_ids"]
+    ids = text_ids + [base] + [base + 2 + i for i in range(num_queries)] + [base + 1]
+    with torch.no_grad():
+        states = model.model(input_ids=torch.tensor([ids])).last_hidden_state  # (1, L, D)
+    return states[0, len(text_ids) + 1 : len(text_ids) + 1 + num_queries]  # (N, D)
+
+
+def test_imported_head_computes_what_the_reference_does(reference, mllm_loader, tmp_path):
+    root, mllm_path, decoder_path, connector, added, tuned = reference
+    config = import_reference(root / "checkpoint-1000", tmp_path / "imported.safetensors")
+    assert (config.mllm_family, config.decoder_family, config.num_queries, config.lead_slots) == (
+        "qwen2_5_vl",
+        "sana",
+        8,
+        1,
+    )
+    assert (config.prompt_suffix, config.system_prompt, config.mllm_name) == ("\n", SYSTEM, "Qwen2.5-VL-3B-Instruct")
+    loaded, head, decoder_state = load_checkpoint(tmp_path / "imported.safetensors")
+    mllm, decoder = mllm_loader("qwen2_5_vl"), load_decoder(decoder_path)
+    check_compatible(loaded, mllm=mllm, decoder=decoder)
+
+    prompts = ["a red circle", "two blue squares above a green triangle on the left"]  # left padding in the batch
+    with torch.no_grad():
+        states = head.states(mllm, head.prepare(mllm, prompts))  # (2, N, D)
+        for i, prompt in enumerate(prompts):
+            expected = reference_query_states(mllm_path, mllm, added, prompt, 8)
+            torch.testing.assert_close(states[i], expected, atol=2e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                head.connector(states[i : i + 1]), connector(expected[None]), atol=2e-5, rtol=1e-5
+            )
+
+    assert decoder_state.keys() == tuned.keys()
+    assert all(torch.equal(decoder_state[k], tuned[k]) for k in tuned)
+    apply_decoder_state(decoder, decoder_state)
+    images = generate(mllm, head, decoder, ["a red circle"], height=32, width=32, steps=2, guidance=Guidance(scale=3.0))
+    assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
+
+
+def test_frozen_decoder_is_left_out_and_options_override(reference, tmp_path):
+    folder = tmp_path / "frozen_decoder"
+    write_reference_folder(folder, reference[1], reference[2], freeze_decoder=True)
+    import_reference(folder, tmp_path / "auto.safetensors")
+    assert load_checkpoint(tmp_path / "auto.safetensors")[2] == {}
+    import_reference(folder, tmp_path / "include.safetensors", decoder="include", stage="instruct")
+    config, _, decoder_state = load_checkpoint(tmp_path / "include.safetensors")
+    assert decoder_state and config.stage == "instruct"
+
+
+def test_bad_inputs_are_named(reference, tmp_path):
+    root = reference[0]
+    with pytest.raises(ValueError, match="training run folder; pass one of its checkpoints: checkpoint-1000"):
+        import_reference(root, tmp_path / "x.safetensors")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        import_reference(tmp_path / "nowhere", tmp_path / "x.safetensors")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}))
+    with pytest.raises(ValueError, match="model_type 'qwen2_5_vl'; a reference MetaQuery checkpoint has 'metaquery'"):
+        import_reference(other, tmp_path / "x.safetensors")
+    (other / "config.json").write_text(json.dumps({"model_type": "metaquery", "num_metaqueries": 4}))
+    with pytest.raises(FileNotFoundError, match="holds no model weights"):
+        import_reference(other, tmp_path / "x.safetensors")
+    existing = tmp_path / "taken.safetensors"
+    existing.write_bytes(b"keep me")
+    with pytest.raises(FileExistsError, match="exists"):
+        import_reference(root / "checkpoint-1000", existing)
+    assert existing.read_bytes() == b"keep me"
+
+
+def test_command_line(reference, tmp_path, capsys):
+    root = reference[0]
+    assert main([str(root / "checkpoint-1000"), str(tmp_path / "cli.safetensors"), "--decoder=skip"]) == 0
+    assert "8 queries for a qwen2_5_vl MLLM" in capsys.readouterr().out
+    assert load_checkpoint(tmp_path / "cli.safetensors")[2] == {}
+    assert main([str(root), str(tmp_path / "bad.safetensors")]) == 2
+    assert "training run folder" in capsys.readouterr().err
+    assert not (tmp_path / "bad.safetensors").exists()
+
+
+def test_pytorch_bin_folders_import_alike(reference, tmp_path):
+    """A folder saved without safetensors (one pytorch_model.bin, read with weights_only) imports the same head."""
+    root = reference[0]
+    source = root / "checkpoint-1000"
+    weights = WeightsFolder(source)
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    torch.save(weights.get_many(weights.keys()), folder / "pytorch_model.bin")
+    (folder / "config.json").write_text((source / "config.json").read_text())
+    import_reference(source, tmp_path / "st.safetensors")
+    import_reference(folder, tmp_path / "bin.safetensors")
+    a, b = load_checkpoint(tmp_path / "st.safetensors"), load_checkpoint(tmp_path / "bin.safetensors")
+    assert a[0].connector == b[0].connector
+    sa, sb = a[1].state_dict(), b[1].state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert all(torch.equal(a[2][k], b[2][k]) for k in a[2])
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "pytorch_model.bin"])
+def test_unreadable_weight_files_are_named(tmp_path, name):
+    (tmp_path / name).write_bytes(b"not weights at all")
+    with pytest.raises(ValueError, match=f"{name}' is not a readable"):
+        WeightsFolder(tmp_path)
