@@ -31,7 +31,7 @@ from metaqueries_core.mllm import MLLMAdapter, PromptBatch, load_mllm
 from metaqueries_core.tinykit import TinySize, write_tiny_mllm
 from metaqueries_core.toyworld import all_text
 
-VISION = {"qwen2_5_vl", "qwen2_vl", "llava_onevision"}
+VISION = {"qwen2_5_vl", "qwen2_vl", "llava_onevision", "internvl"}
 
 
 def long_caption(tokens: int, seed: int) -> str:

@@ -49,8 +49,8 @@ def _placement(dtype: str, device: str) -> tuple[torch.dtype, torch.device]:
 
 class LoadMLLM:
     DESCRIPTION = (
-        "Loads a frozen multimodal LLM (Qwen2.5-VL, Qwen2-VL, LLaVA-OneVision, Qwen2/Qwen3 text) from a Hugging Face "
-        "folder under models/LLM/ or models/text_encoders/. The family is read from its config.json."
+        "Loads a frozen multimodal LLM (Qwen2.5-VL, Qwen2-VL, LLaVA-OneVision, InternVL3-hf, Qwen2/Qwen3 text) from a "
+        "Hugging Face folder under models/LLM/ or models/text_encoders/. The family is read from its config.json."
     )
     CATEGORY = f"{CATEGORY}/loaders"
     RETURN_TYPES = (MLLM,)

@@ -9,13 +9,14 @@ from typing import Any
 import torch
 
 from .base import DEFAULT_SYSTEM_PROMPT, MLLMAdapter, PromptBatch
+from .internvl import InternVLAdapter
 from .llava_onevision import LlavaOneVisionAdapter
 from .qwen_vl import QwenVLAdapter
 from .text_lm import TextLMAdapter
 
 MLLM_ADAPTERS: dict[str, type[MLLMAdapter]] = {
     model_type: adapter
-    for adapter in (QwenVLAdapter, LlavaOneVisionAdapter, TextLMAdapter)
+    for adapter in (QwenVLAdapter, LlavaOneVisionAdapter, InternVLAdapter, TextLMAdapter)
     for model_type in adapter.model_types
 }
 

@@ -151,6 +151,11 @@ class MLLMAdapter(ABC):
         """Vision features per image (each (n_i, D), in batch order) and the HF kwargs that carry the pixels."""
         raise ValueError(f"MLLM {self.name!r} ({self.model_types[0]}) is text-only and takes no images")
 
+    def expand_image(self, num_features: int) -> str:
+        """The text that replaces one image placeholder of the chat template: one image token per feature (families
+        that wrap them in start / end tokens override)."""
+        return self.image_token * num_features
+
     def position_ids(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, extra: dict[str, Any]
     ) -> torch.Tensor:
@@ -223,7 +228,7 @@ class MLLMAdapter(ABC):
                     raise ValueError(
                         f"the chat template wrote {len(parts) - 1} image placeholders for {len(sample_images)} images"
                     )
-                text = parts[0] + "".join(self.image_token * next(counts) + p for p in parts[1:])
+                text = parts[0] + "".join(self.expand_image(next(counts)) + p for p in parts[1:])
             rows.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         return rows, feats, extra
 

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 from transformers import (
+    InternVLConfig,
+    InternVLForConditionalGeneration,
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
     Qwen2_5_VLConfig,
@@ -21,6 +23,7 @@ from transformers import (
     Qwen3Config,
     Qwen3ForCausalLM,
 )
+from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -37,6 +40,14 @@ QWEN_SPECIALS = [
     "<|video_pad|>",
 ]
 LLAVA_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+INTERNVL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
+# the tokenizer attributes InternVL's processor reads (`tokenizer.start_image_token` ...), as the -hf folders set them
+INTERNVL_NAMED_TOKENS = {
+    "start_image_token": "<img>",
+    "end_image_token": "</img>",
+    "context_image_token": "<IMG_CONTEXT>",
+    "video_token": "<video>",
+}
 
 
 @dataclass(frozen=True)
@@ -64,7 +75,9 @@ def _text_config(size: TinySize, vocab: int, **extra: Any) -> dict[str, Any]:
     )
 
 
-def _chat_tokenizer(specials: list[str], template: str, size: TinySize, texts: Iterable[str]) -> Any:
+def _chat_tokenizer(
+    specials: list[str], template: str, size: TinySize, texts: Iterable[str], extra: dict[str, Any] | None = None
+) -> Any:
     """Every tiny family speaks ChatML: <|endoftext|> pads, <|im_end|> ends a turn."""
     return train_bpe_tokenizer(
         special_tokens=specials,
@@ -73,6 +86,7 @@ def _chat_tokenizer(specials: list[str], template: str, size: TinySize, texts: I
         pad_token="<|endoftext|>",
         eos_token="<|im_end|>",
         chat_template=template,
+        extra=extra,
     )
 
 
@@ -173,6 +187,37 @@ def _llava_onevision(size: TinySize, texts: Iterable[str]) -> tuple[torch.nn.Mod
     return model, tok, image_processor
 
 
+def _internvl(size: TinySize, texts: Iterable[str]) -> tuple[torch.nn.Module, Any, Any]:
+    """InternVL3 in its transformers-native form: an InternViT tower on square tiles, 2x2 pixel shuffle, a Qwen2 LM."""
+    extra = {"extra_special_tokens": INTERNVL_NAMED_TOKENS}
+    tok = _chat_tokenizer(INTERNVL_SPECIALS, templates.INTERNVL, size, texts, extra)
+    pad, eos, context = _ids(tok, "<|endoftext|>", "<|im_end|>", "<IMG_CONTEXT>")
+    tile = size.patch * 4  # 4x4 patches per tile, pixel-shuffled to 2x2 tokens
+    config = InternVLConfig(
+        text_config={"model_type": "qwen2", **_text_config(size, len(tok), bos_token_id=pad, eos_token_id=eos)},
+        vision_config=dict(
+            hidden_size=size.vision_width,
+            intermediate_size=size.vision_width * 2,
+            num_hidden_layers=size.vision_layers,
+            num_attention_heads=2,
+            image_size=tile,
+            patch_size=size.patch,
+        ),
+        image_token_id=context,
+        image_seq_length=(tile // size.patch) ** 2 // 4,  # tokens per tile (the processor's setting upstream)
+        downsample_ratio=0.5,
+        pad_token_id=pad,
+    )
+    model = InternVLForConditionalGeneration(config)
+    image_processor = GotOcr2ImageProcessorPil(
+        size={"height": tile, "width": tile},
+        max_patches=4,  # upstream: 12 tiles of 448
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    )
+    return model, tok, image_processor
+
+
 def _text_lm(size: TinySize, texts: Iterable[str], qwen3: bool) -> tuple[torch.nn.Module, Any, None]:
     tok = _chat_tokenizer(QWEN_SPECIALS[:3], templates.CHATML, size, texts)
     pad, eos = _ids(tok, "<|endoftext|>", "<|im_end|>")
@@ -186,6 +231,7 @@ TINY_MLLMS: dict[str, Callable[[TinySize, Iterable[str]], tuple[torch.nn.Module,
     "qwen2_5_vl": lambda s, t: _qwen_vl(s, t, v25=True),
     "qwen2_vl": lambda s, t: _qwen_vl(s, t, v25=False),
     "llava_onevision": _llava_onevision,
+    "internvl": _internvl,
     "qwen2": lambda s, t: _text_lm(s, t, qwen3=False),
     "qwen3": lambda s, t: _text_lm(s, t, qwen3=True),
 }

@@ -215,3 +215,55 @@ def test_tiny_sizes_the_classes_cannot_take_are_refused_before_building(tmp_path
 def test_text_family_takes_a_head_size_mrope_would_refuse(tmp_path):
     folder = write_tiny_mllm("qwen2", tmp_path / "m", size=TinySize(width=96, heads=4), texts=["a red circle"])
     assert load_mllm(folder).width == 96
+
+
+def test_internvl_tokens_pixels_and_states_match_the_upstream_processor_and_forward(mllm_loader, monkeypatch):
+    """<img> + one <IMG_CONTEXT> per feature + </img> per image, tiles in image order: what transformers' own
+    InternVLProcessor makes of the same chat text and images; and the merged embeddings give the HF model's states."""
+    from transformers import InternVLProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    # its class check looks up a video processor class, which fails without torchvision; no video is used here
+    monkeypatch.setattr(ProcessorMixin, "check_argument_for_proper_class", lambda *a: None, raising=False)
+    mllm = mllm_loader("internvl")
+    seq = mllm.model.config.image_seq_length
+    upstream = InternVLProcessor(image_processor=mllm.image_processor, tokenizer=mllm.tokenizer, image_seq_length=seq)
+    prompts, images = ["a red circle", "", "two blue squares"], images_for("internvl")
+    batch = mllm.prepare(prompts, images)
+    texts = [mllm.render(p, len(ims), mllm.system_prompt) for p, ims in zip(prompts, images)]
+    theirs = upstream(text=texts, images=[im for s in images for im in s], return_tensors="pt", padding=True)
+    assert torch.equal(theirs["input_ids"], batch.input_ids)
+    assert torch.equal(theirs["attention_mask"], batch.attention_mask)
+    assert torch.equal(theirs["pixel_values"], batch.model_inputs["pixel_values"])
+    with torch.no_grad():
+        hf = mllm.model.model(**theirs, position_ids=batch.position_ids).last_hidden_state  # (B, L, D)
+        ours = mllm.language_model(
+            inputs_embeds=batch.prompt_embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+        ).last_hidden_state
+    torch.testing.assert_close(ours, hf)
+
+
+def test_internvl_tiles_follow_the_folders_image_processor(tmp_path):
+    folder = write_tiny_mllm("internvl", tmp_path / "m")
+    seq = json.loads((folder / "config.json").read_text())["image_seq_length"]  # tokens per tile
+
+    def features(image):
+        _, feats, extra = load_mllm(folder).tokenize(["x"], [[image]])
+        return feats[0].shape[0], extra["pixel_values"].shape[0]
+
+    # up to 4 tiles: a square image gets 2x2 tiles and a thumbnail, a 4:1 strip 4x1 tiles and a thumbnail
+    assert features(red((32, 32))) == (5 * seq, 5)
+    assert features(red((64, 16))) == (5 * seq, 5)
+    config = json.loads((folder / "preprocessor_config.json").read_text())
+    (folder / "preprocessor_config.json").write_text(json.dumps({**config, "max_patches": 1}))
+    assert features(red((64, 16))) == (seq, 1)
+
+
+def test_internvl_tokenizer_without_image_tokens_is_refused(mllm_loader):
+    from metaqueries_core.mllm.internvl import InternVLAdapter
+
+    mllm = mllm_loader("internvl")
+    with pytest.raises(ValueError, match=r"lacks the image tokens \['<IMG_CONTEXT>', '<img>', '</img>'\]"):
+        InternVLAdapter(
+            model=mllm.model, tokenizer=mllm_loader("qwen2").tokenizer, image_processor=mllm.image_processor
+        )

@@ -132,7 +132,7 @@ def test_answer_noise_shows_wrong_answer_tokens_and_keeps_the_labels(mllm_loader
         teach_mod.lm_batch(mllm, examples, 0.5)
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision", "internvl"])
 def test_teaching_forward_runs_the_vision_tower_once_and_matches_the_models_own(monkeypatch, mllm_folder, family):
     """The teaching loss through `inputs_embeds` (features computed once, with gradient) is the loss of the HF
     forward that computes them itself from the pixel inputs; and the vision side gets its gradient."""
