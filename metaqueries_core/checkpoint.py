@@ -2,7 +2,8 @@
 `connector.*` and optionally `decoder.*`, and a JSON config in its metadata (DESIGN.md section 3). Writes are atomic:
 a temp file renamed into place.
 
-Format versions: 1 as first written; 2 adds `prompt_suffix` and `lead_slots` (defaults: what version 1 meant)."""
+Format versions: 1 as first written; 2 adds `prompt_suffix`, `prompt_template`, `empty_prompt`, `lead_slots` and the
+connector's `out_norm_eps` and `final_norm` (defaults: what version 1 meant)."""
 
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ class MetaQueryConfig:
     system_prompt: str | None = None
     max_prompt_tokens: int = 256
     prompt_suffix: str = ""  # text between the generation prompt and the slots
+    prompt_template: str = ""  # a whole prompt with "{caption}" instead of the chat template (mllm.PromptLayout)
+    empty_prompt: str | None = None  # with a template: the prompt of an empty caption
     lead_slots: int = 0  # learned slots before the queries, not read out (`queries.lead`)
     mllm_name: str = ""  # a hint for users (folder name), never used to pick code
     decoder_name: str = ""
@@ -68,6 +71,8 @@ class MetaQueryConfig:
             "system_prompt": self.system_prompt,
             "max_prompt_tokens": self.max_prompt_tokens,
             "prompt_suffix": self.prompt_suffix,
+            "prompt_template": self.prompt_template,
+            "empty_prompt": self.empty_prompt,
             "lead_slots": self.lead_slots,
         }
 

@@ -4,9 +4,10 @@ projection into the decoder's text width.
 Layer styles:
 - "qwen2" (this pack's default): Qwen2-style layers (RMSNorm, RoPE over query positions, QK RMS-norm shared by the
   heads before RoPE, SwiGLU MLP) and a final RMSNorm;
-- "reference": the MetaQuery reference code's encoder exactly (the same layers, but RoPE first and then an RMS qk-norm
-  with a scale per head; no final norm), so its checkpoints import (`metaqueries_core.importers`);
-- "siglip": OpenUni's layout (LayerNorm, GELU MLP; with pos_embed "none" and projection "linear").
+- "reference": the MetaQuery reference code's layers exactly (the same, but RoPE first and then an RMS qk-norm with a
+  scale per head); with final_norm off, its encoder, so its checkpoints import (`metaqueries_core.importers`);
+- "siglip": OpenUni's layers (LayerNorm, GELU MLP; with pos_embed "none", qk_norm off, final_norm off and projection
+  "linear", its connector).
 Then Linear-GELU(tanh)-Linear-RMSNorm ("mlp_norm") or one Linear into the decoder's text width.
 """
 
@@ -36,6 +37,7 @@ class ConnectorConfig:
     layer_style: LayerStyle = "qwen2"
     pos_embed: Literal["rope", "none"] = "rope"
     qk_norm: bool = True
+    final_norm: bool = True  # a norm after the last layer (this pack's layouts); the reference and OpenUni have none
     projection: Projection = "mlp_norm"
     out_norm_scale: float = 1.0  # RMSNorm weight at init: sqrt(5.5) for Sana, 1 for SD1.5
     out_norm_eps: float = 1e-6  # the reference's output RMSNorm (diffusers') uses 1e-5
@@ -72,6 +74,11 @@ class ConnectorConfig:
     @property
     def inner_width(self) -> int:
         return self.width or self.in_width
+
+    @property
+    def mlp_width(self) -> int:
+        # rounded: OpenUni's 3072 over width 896 is a ratio float multiplication does not give back exactly
+        return round(self.inner_width * self.mlp_ratio)
 
     @property
     def num_heads(self) -> int:
@@ -147,7 +154,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ConnectorConfig) -> None:
         super().__init__()
-        w, hidden = cfg.inner_width, int(cfg.inner_width * cfg.mlp_ratio)
+        w, hidden = cfg.inner_width, cfg.mlp_width
         self.swiglu = cfg.layer_style != "siglip"
         if self.swiglu:
             self.gate_proj = nn.Linear(w, hidden, bias=False)
@@ -187,7 +194,7 @@ class Connector(nn.Module):
         w = cfg.inner_width
         self.in_proj = nn.Linear(cfg.in_width, w) if w != cfg.in_width else nn.Identity()
         self.layers = nn.ModuleList([EncoderLayer(cfg) for _ in range(cfg.depth)])
-        if not cfg.depth or cfg.layer_style == "reference":  # the reference's encoder ends without a norm
+        if not cfg.depth or not cfg.final_norm:
             self.norm = nn.Identity()
         else:
             self.norm = RMSNorm(w, eps=1e-6) if cfg.layer_style == "qwen2" else nn.LayerNorm(w, eps=1e-6)

@@ -7,7 +7,7 @@ from PIL import Image
 from torch import nn
 
 from .connector import Connector, ConnectorConfig
-from .mllm import DEFAULT_SYSTEM_PROMPT, MLLMAdapter, PromptBatch
+from .mllm import DEFAULT_SYSTEM_PROMPT, MLLMAdapter, PromptBatch, PromptLayout
 from .queries import MetaQueries
 
 
@@ -22,16 +22,18 @@ class MetaQueryHead(nn.Module):
         system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
         max_prompt_tokens: int = 256,
         prompt_suffix: str = "",
+        prompt_template: str = "",
+        empty_prompt: str | None = None,
         lead_slots: int = 0,
     ) -> None:
-        """`prompt_suffix`: text after the assistant generation prompt, before the slots; `lead_slots`: learned slots
-        before the queries whose states are not read out (the reference code's "\\n<begin_of_img>" is
-        prompt_suffix "\\n" and one lead slot)."""
+        """`prompt_suffix`, `prompt_template`, `empty_prompt`: the caption's text beyond the chat template
+        (`PromptLayout`); `lead_slots`: learned slots before the queries whose states are not read out (the
+        reference code's "\\n<begin_of_img>" is prompt_suffix "\\n" and one lead slot)."""
         super().__init__()
         # the prompt format is part of what was trained: it travels with the checkpoint, not with the MLLM
         self.system_prompt = system_prompt
         self.max_prompt_tokens = max_prompt_tokens
-        self.prompt_suffix = prompt_suffix
+        self.layout = PromptLayout(suffix=prompt_suffix, template=prompt_template, empty=empty_prompt)
         self.queries = MetaQueries(
             num_queries=num_queries, width=connector.in_width, init_std=connector.init_std, lead_slots=lead_slots
         )
@@ -49,7 +51,9 @@ class MetaQueryHead(nn.Module):
             "connector": self.connector.cfg,
             "system_prompt": self.system_prompt,
             "max_prompt_tokens": self.max_prompt_tokens,
-            "prompt_suffix": self.prompt_suffix,
+            "prompt_suffix": self.layout.suffix,
+            "prompt_template": self.layout.template,
+            "empty_prompt": self.layout.empty,
             "lead_slots": self.queries.lead_slots,
         }
 
@@ -63,7 +67,7 @@ class MetaQueryHead(nn.Module):
             num_queries=self.queries.lead_slots + self.num_queries,
             system_prompt=self.system_prompt,
             max_prompt_tokens=self.max_prompt_tokens,
-            prompt_suffix=self.prompt_suffix,
+            layout=self.layout,
         )
 
     def states(self, mllm: MLLMAdapter, batch: PromptBatch, *, prefix_cache: bool = False) -> torch.Tensor:

@@ -23,6 +23,7 @@ class ConnectorSection:
     layer_style: Literal["qwen2", "reference", "siglip"] = "qwen2"
     pos_embed: Literal["rope", "none"] = "rope"
     qk_norm: bool = True
+    final_norm: bool = True  # a norm after the last layer (the reference's and OpenUni's connectors have none)
     projection: Literal["mlp_norm", "linear"] = "mlp_norm"
     out_norm_scale: float | None = None  # None: sqrt(5.5) for Sana, 1.0 for SD1.5 (reference)
     out_norm_eps: float = 1e-6  # the reference's output norm: 1e-5
@@ -53,6 +54,10 @@ class ModelSection:
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
     max_prompt_tokens: int = 256
     prompt_suffix: str = ""  # text between the generation prompt and the query slots (reference imports: "\n")
+    # a whole prompt with "{caption}" used instead of the chat template, and the prompt of an empty caption (OpenUni
+    # imports; metaqueries_core.mllm.PromptLayout)
+    prompt_template: str = ""
+    empty_prompt: str | None = None
     lead_slots: int = 0  # learned slots before the queries, not read out (reference imports: 1, its <begin_of_img>)
     connector: ConnectorSection = field(default_factory=ConnectorSection)
     decoder_mode: Literal["frozen", "full", "lora"] = "frozen"  # the MLLM is always frozen

@@ -78,6 +78,8 @@ def build_head(cfg: ModelSection, mllm: MLLMAdapter, decoder: DecoderAdapter) ->
         system_prompt=cfg.system_prompt,
         max_prompt_tokens=cfg.max_prompt_tokens,
         prompt_suffix=cfg.prompt_suffix,
+        prompt_template=cfg.prompt_template,
+        empty_prompt=cfg.empty_prompt,
         lead_slots=cfg.lead_slots,
     )
     if cfg.queries_init_text is not None:
@@ -101,6 +103,7 @@ def connector_config(cfg: ModelSection, mllm: MLLMAdapter, decoder: DecoderAdapt
         layer_style=c.layer_style,
         pos_embed=c.pos_embed,
         qk_norm=c.qk_norm,
+        final_norm=c.final_norm,
         projection=c.projection,
         out_norm_scale=scale,
         out_norm_eps=c.out_norm_eps,
@@ -119,13 +122,24 @@ def head_differences(cfg: ModelSection, connector: ConnectorConfig, loaded: Meta
         "model.system_prompt": (cfg.system_prompt, loaded.system_prompt),
         "model.max_prompt_tokens": (cfg.max_prompt_tokens, loaded.max_prompt_tokens),
         "model.prompt_suffix": (cfg.prompt_suffix, loaded.prompt_suffix),
+        "model.prompt_template": (cfg.prompt_template, loaded.prompt_template),
+        "model.empty_prompt": (cfg.empty_prompt, loaded.empty_prompt),
         "model.lead_slots": (cfg.lead_slots, loaded.lead_slots),
         "model.connector.width": (connector.inner_width, theirs.inner_width),
         "model.connector.heads": (connector.num_heads, theirs.num_heads),
         "model.connector.slot_embed": (connector.num_slots > 0, theirs.num_slots > 0),
         **{
             f"model.connector.{name}": (getattr(connector, name), getattr(theirs, name))
-            for name in ("depth", "mlp_ratio", "layer_style", "pos_embed", "qk_norm", "projection", "out_norm_eps")
+            for name in (
+                "depth",
+                "mlp_ratio",
+                "layer_style",
+                "pos_embed",
+                "qk_norm",
+                "final_norm",
+                "projection",
+                "out_norm_eps",
+            )
         },
     }
     return [f"{key} {ours!r} (checkpoint {ckpt!r})" for key, (ours, ckpt) in pairs.items() if ours != ckpt]

@@ -3,7 +3,7 @@ of its `MetaQuery` model, `config.json` with `"model_type": "metaquery"`) into t
 
 The reference saves the whole model; what trained, and where it goes:
 - its connector `model.connector` (a Qwen2-style encoder, Linear, GELU, Linear, RMSNorm) -> `connector.*` with layer
-  style "reference" (RoPE before a per-head qk-norm, no final encoder norm, output norm eps 1e-5);
+  style "reference" (RoPE before a per-head qk-norm), no final encoder norm and output norm eps 1e-5;
 - the MLLM's input embedding table, grown by N + 2 rows `<begin_of_img>`, `<end_of_img>`, `<img0>`..`<img{N-1}>` ->
   one lead slot (`<begin_of_img>`) and the N queries. Its prompt ends "\\n<begin_of_img><img0>...", so the prompt
   suffix is "\\n". Every other MLLM weight is the base model's: load that model's folder in Load MLLM;
@@ -25,9 +25,9 @@ from typing import Literal
 
 import torch
 
-from ..checkpoint import MetaQueryConfig, Stage, save_checkpoint
+from ..checkpoint import MetaQueryConfig, Stage
 from ..connector import ConnectorConfig
-from ..head import MetaQueryHead
+from .output import check_output, summary, write_imported
 from .weights import WeightsFolder
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,7 @@ def connector_config(state: dict[str, torch.Tensor], mllm_width: int, decoder_fa
         depth=depth,
         heads=heads,
         layer_style="reference",
+        final_norm=False,
         out_norm_scale=math.sqrt(5.5) if decoder_family == "sana" else 1.0,  # init only: the weights replace it
         out_norm_eps=1e-5,
         init_std=0.014,
@@ -188,8 +189,7 @@ def import_reference(
     if decoder not in ("auto", "include", "skip"):
         raise ValueError(f"decoder {decoder!r} not in ['auto', 'include', 'skip']")
     folder, out = Path(folder), Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{str(out)!r} exists; choose another path or allow overwriting")
+    check_output(out, overwrite)
     trainer_config = read_trainer_config(folder)
     weights = WeightsFolder(folder)
     num_queries = int(trainer_config["num_metaqueries"])
@@ -216,19 +216,9 @@ def import_reference(
         decoder_name=Path(str(trainer_config.get("diffusion_model_id", ""))).name,
         extra={"imported_from": "facebookresearch/metaquery trainer", "source": folder.name},
     )
-    with torch.device("meta"):
-        head = MetaQueryHead(**config.head_settings())
-    head_state = {"queries.queries": queries, "queries.lead": lead}
-    head_state.update({f"connector.{k}": v.float() for k, v in state.items()})
-    missing, unexpected = head.load_state_dict(head_state, strict=False, assign=True)
-    if missing or unexpected:
-        raise ValueError(
-            f"the reference connector does not fit a {connector.depth}-layer 'reference' connector: missing "
-            f"{missing[:4]}, unexpected {unexpected[:4]}"
-        )
+    head_state = {"queries.queries": queries, "queries.lead": lead, **{f"connector.{k}": v for k, v in state.items()}}
     take_decoder = decoder == "include" or (decoder == "auto" and decoder_trained(trainer_config))
-    decoder_state = weights.under(DECODER) if take_decoder else None
-    save_checkpoint(out, head, config, decoder_state)
+    write_imported(out, config, head_state, weights.under(DECODER) if take_decoder else None)
     return config
 
 
@@ -255,13 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    c = config.connector
-    print(
-        f"wrote {args.out}: {config.num_queries} queries for a {config.mllm_family} MLLM of width {config.mllm_width}, "
-        f"connector depth {c.depth} width {c.inner_width} heads {c.num_heads}, {config.decoder_family} decoder "
-        f"(text width {config.decoder_text_width}); load the base MLLM ({config.mllm_name or 'the one it was trained on'}) "
-        f"and decoder ({config.decoder_name or 'the one it was trained on'}) folders next to it"
-    )
+    print(summary(args.out, config))
     return 0
 
 

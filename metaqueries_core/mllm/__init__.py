@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .base import DEFAULT_SYSTEM_PROMPT, MLLMAdapter, PromptBatch
+from .base import DEFAULT_SYSTEM_PROMPT, MLLMAdapter, PromptBatch, PromptLayout
 from .internvl import InternVLAdapter
 from .llava_onevision import LlavaOneVisionAdapter
 from .qwen_vl import QwenVLAdapter
@@ -50,4 +50,12 @@ def load_mllm(
     return adapter.from_folder(Path(path), dtype=dtype, device=device, **options)
 
 
-__all__ = ["DEFAULT_SYSTEM_PROMPT", "MLLM_ADAPTERS", "MLLMAdapter", "PromptBatch", "adapter_for", "load_mllm"]
+__all__ = [
+    "DEFAULT_SYSTEM_PROMPT",
+    "MLLM_ADAPTERS",
+    "MLLMAdapter",
+    "PromptBatch",
+    "PromptLayout",
+    "adapter_for",
+    "load_mllm",
+]

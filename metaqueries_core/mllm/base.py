@@ -57,6 +57,30 @@ class Default(enum.Enum):
 DEFAULT = Default.TOKEN
 
 
+@dataclass(frozen=True)
+class PromptLayout:
+    """How a caption becomes the MLLM's text beyond the chat template: part of a checkpoint's prompt format."""
+
+    suffix: str = ""  # text after the generation prompt, before the query slots (reference imports: "\n")
+    # a whole prompt with "{caption}" where the (stripped) caption goes, used instead of the chat template, system
+    # prompt and suffix (OpenUni imports); it takes no input images
+    template: str = ""
+    empty: str | None = None  # with a template: the whole prompt for an empty caption (None: the template with "")
+
+    def __post_init__(self) -> None:
+        if self.template and "{caption}" not in self.template:
+            raise ValueError(f"prompt template {self.template!r} has no '{{caption}}' where the caption goes")
+        if self.empty is not None and not self.template:
+            raise ValueError("an empty-caption prompt needs a prompt template")
+
+    def fill(self, caption: str) -> str:
+        """The templated prompt of one caption."""
+        caption = caption.strip()
+        if not caption and self.empty is not None:
+            return self.empty
+        return self.template.replace("{caption}", caption)
+
+
 @dataclass
 class PromptBatch:
     """A tokenised, left-padded batch whose last `num_queries` positions are query slots.
@@ -205,23 +229,28 @@ class MLLMAdapter(ABC):
         *,
         system_prompt: str | None | Default = DEFAULT,
         max_prompt_tokens: int | None = None,
-        prompt_suffix: str = "",
+        layout: PromptLayout = PromptLayout(),
     ) -> tuple[list[list[int]], list[torch.Tensor], dict[str, Any]]:
         """Chat-formatted token rows (image placeholders expanded to the feature counts), the vision features per
         image (each (n_i, D)) and the family's pixel kwargs. The features follow the caller's gradient mode:
-        `prepare` runs without gradient, teaching with it (the vision tower learns there). `prompt_suffix` is text
-        after the generation prompt, tokenised with it (a checkpoint's prompt format)."""
+        `prepare` runs without gradient, teaching with it (the vision tower learns there). `layout` adds a
+        checkpoint's suffix or replaces the chat template by its own."""
         system_prompt = self.system_prompt if system_prompt is DEFAULT else system_prompt
         max_tokens = self.max_prompt_tokens if max_prompt_tokens is None else max_prompt_tokens
         if isinstance(prompts, str):
             raise TypeError("prompts must be a list of strings, got a single string")
         images = self.check_images(images, len(prompts))
+        if layout.template and any(images):
+            raise ValueError("this checkpoint's prompt template takes no input images (it was trained on text only)")
         feats, extra = self.image_features(images) if any(images) else ([], {})
         counts = iter([f.shape[0] for f in feats])
         rows = []
         for caption, sample_images in zip(prompts, images):
-            text = self.render(self.truncate_caption(caption, max_tokens), len(sample_images), system_prompt)
-            text += prompt_suffix
+            caption = self.truncate_caption(caption, max_tokens)
+            if layout.template:
+                rows.append(self.tokenizer(layout.fill(caption), add_special_tokens=False)["input_ids"])
+                continue
+            text = self.render(caption, len(sample_images), system_prompt) + layout.suffix
             if sample_images:
                 parts = text.split(self.image_token)
                 if len(parts) != len(sample_images) + 1:
@@ -253,19 +282,15 @@ class MLLMAdapter(ABC):
         num_queries: int = 0,
         system_prompt: str | None | Default = DEFAULT,
         max_prompt_tokens: int | None = None,
-        prompt_suffix: str = "",
+        layout: PromptLayout = PromptLayout(),
     ) -> PromptBatch:
         """Tokenise prompts (+ images), left-pad, append `num_queries` slots, embed with vision features merged.
 
         `system_prompt` / `max_prompt_tokens` default to the adapter's; a checkpoint passes the ones it was trained
-        with, and its `prompt_suffix` (text between the generation prompt and the slots).
+        with, and its prompt layout.
         """
         rows, feats, extra = self.tokenize(
-            prompts,
-            images,
-            system_prompt=system_prompt,
-            max_prompt_tokens=max_prompt_tokens,
-            prompt_suffix=prompt_suffix,
+            prompts, images, system_prompt=system_prompt, max_prompt_tokens=max_prompt_tokens, layout=layout
         )
         input_ids, attention_mask = left_pad(rows, self.pad_id, num_queries)  # (B, L)
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)

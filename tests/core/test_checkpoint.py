@@ -57,7 +57,7 @@ def test_lead_slots_and_prompt_suffix_round_trip(tmp_path, mllm_loader, decoder_
     config = ckpt.config_for(head, mllm=mllm, decoder=decoder)
     loaded_config, loaded, _ = ckpt.load_checkpoint(ckpt.save_checkpoint(tmp_path / "lead.safetensors", head, config))
     assert (loaded_config.prompt_suffix, loaded_config.lead_slots) == ("\n", 2)
-    assert torch.equal(loaded.queries.lead, head.queries.lead) and loaded.prompt_suffix == "\n"
+    assert torch.equal(loaded.queries.lead, head.queries.lead) and loaded.layout.suffix == "\n"
     batch = loaded.prepare(mllm, ["a red circle"])
     suffix_id = mllm.tokenizer("\n", add_special_tokens=False)["input_ids"][-1]
     assert batch.num_queries == 6 and batch.input_ids[0, -7] == suffix_id  # the suffix, then 2 + 4 slots
@@ -149,3 +149,17 @@ def test_config_head_mismatch_refused(saved, tmp_path):
     bad = ckpt.MetaQueryConfig(**{**config.__dict__, "num_queries": 3})
     with pytest.raises(ValueError, match=r"head has num_queries 8 \(config 3\)"):
         ckpt.save_checkpoint(tmp_path / "x.safetensors", head, bad)
+
+
+@pytest.mark.parametrize(
+    "layout, message",
+    [
+        (dict(template="no place for it"), "has no '\\{caption\\}' where the caption goes"),
+        (dict(empty="Generate an image."), "an empty-caption prompt needs a prompt template"),
+    ],
+)
+def test_bad_prompt_layout_is_named(layout, message):
+    from metaqueries_core.mllm import PromptLayout
+
+    with pytest.raises(ValueError, match=message):
+        PromptLayout(**layout)

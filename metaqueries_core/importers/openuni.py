@@ -1,0 +1,209 @@
+"""Import OpenUni's checkpoints (wusize/OpenUni: `.pth` state dicts of its InternVL3 + Sana models, such as the
+released openuni_b_internvl3_1b_sana_0_6b_512_hf_text2image23m.pth) into this pack's checkpoint format.
+
+What they hold, and where it goes:
+- `meta_queries` (N, D) -> the queries;
+- `connector.layers.*` (SigLIP-style layers: LayerNorm, attention with biases, GELU(tanh) MLP; no positions, no
+  final norm) and `projector` (OpenUni's default "enc_proj": one Linear into Sana's caption width) -> the connector
+  with layer style "siglip" and projection "linear"; "proj_enc_proj" checkpoints (`projector.0`, `projector.1`) put
+  their first Linear in front of the encoder, as the connector's input projection;
+- `transformer.*` (the Sana transformer, when the checkpoint fine-tuned it) -> `decoder.*`;
+- the frozen InternVL3 is not taken: load the transformers-native InternVL3 folder (InternVL3-1B-hf for OpenUni-B,
+  InternVL3-2B-hf for OpenUni-L) as the MLLM; the importer reads its family and width from that folder.
+OpenUni writes its text-to-image prompt by hand, not with the chat template:
+"<|im_start|>user\\nGenerate an image: {caption}<|im_end|>\\n<|im_start|>assistant\\n<img>", and the unconditional
+branch says "Generate an image." instead: the imported checkpoint's prompt template and empty prompt. It takes no
+input images (OpenUni's image-to-image path feeds the vision tower its own way).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from ..checkpoint import MetaQueryConfig, Stage
+from ..connector import ConnectorConfig
+from ..mllm import read_model_type
+from .output import check_output, summary, write_imported
+
+TEMPLATE = "<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n<img>"
+PROMPT = TEMPLATE.replace("{input}", "Generate an image: {caption}")
+EMPTY_PROMPT = TEMPLATE.replace("{input}", "Generate an image.")
+LAYER_RENAMES = ((".self_attn.out_proj.", ".attn.o_proj."), (".self_attn.", ".attn."), (".layer_norm", ".norm"))
+DecoderChoice = Literal["auto", "include", "skip"]
+
+
+def read_state(path: Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's state dict, read with weights_only (no code runs), without a DeepSpeed `module.` prefix."""
+    if not path.is_file():
+        raise FileNotFoundError(f"OpenUni checkpoint {str(path)!r} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, EOFError, ValueError) as e:
+        raise ValueError(f"{str(path)!r} is not a readable weights-only torch file: {e}") from e
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or "meta_queries" not in {k.removeprefix("module.") for k in state}:
+        raise ValueError(f"{str(path)!r} is not an OpenUni checkpoint: it has no 'meta_queries' tensor")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def connector_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """OpenUni's connector and projector tensors under this pack's Connector names."""
+    out = {}
+    for key, tensor in state.items():
+        if key.startswith("connector.layers."):
+            name = key.removeprefix("connector.")
+            for old, new in LAYER_RENAMES:
+                name = name.replace(old, new)
+            out[name] = tensor
+        elif key.startswith("connector."):
+            raise ValueError(f"unexpected connector tensor {key!r}: OpenUni's connector holds encoder layers only")
+        elif key.startswith("projector."):
+            name = key.removeprefix("projector.")
+            if name.startswith("0."):  # proj_enc_proj: in front of the encoder
+                out[f"in_proj.{name.removeprefix('0.')}"] = tensor
+            elif name.startswith("1."):
+                out[f"proj.{name.removeprefix('1.')}"] = tensor
+            else:
+                out[f"proj.{name}"] = tensor
+    if "proj.weight" not in out:
+        raise ValueError(
+            "the checkpoint has no output projector (projector.weight, or projector.1.weight): OpenUni's 'proj_enc' "
+            "layout (the encoder at the decoder's width, nothing after it) is not supported"
+        )
+    return out
+
+
+def connector_config(state: dict[str, torch.Tensor], mllm_width: int, heads: int | None) -> ConnectorConfig:
+    """Depth from the layer indices, widths from the Linears; OpenUni's heads are not in the weights: its configs
+    use 64-wide heads (14 at width 896, 24 at 1536), this pack's default."""
+    out_width, width = state["proj.weight"].shape  # (C, W)
+    depth = len({int(m.group(1)) for k in state if (m := re.match(r"layers\.(\d+)\.", k))})
+    mlp_ratio = state["layers.0.mlp.fc1.weight"].shape[0] / width if depth else 4.0
+    return ConnectorConfig(
+        in_width=mllm_width,
+        out_width=out_width,
+        width=width if "in_proj.weight" in state else None,
+        depth=depth,
+        heads=heads,
+        mlp_ratio=mlp_ratio,
+        layer_style="siglip",
+        pos_embed="none",
+        qk_norm=False,
+        final_norm=False,
+        projection="linear",
+    )
+
+
+def mllm_facts(folder: Path) -> tuple[str, int]:
+    """(model_type, language-model width) of a local MLLM folder, from its config.json."""
+    family = read_model_type(folder)
+    config = json.loads((folder / "config.json").read_text())
+    width = config.get("text_config", config).get("hidden_size")
+    if not isinstance(width, int):
+        raise ValueError(f"{str(folder / 'config.json')!r} names no hidden_size for its language model")
+    return family, width
+
+
+def decoder_state(state: dict[str, torch.Tensor], text_width: int) -> dict[str, torch.Tensor]:
+    found = {k.removeprefix("transformer."): v for k, v in state.items() if k.startswith("transformer.")}
+    proj = found.get("caption_projection.linear_1.weight")
+    if found and (proj is None or proj.shape[1] != text_width):
+        raise ValueError(
+            f"the checkpoint's transformer.* is not a Sana transformer reading width {text_width} (caption "
+            f"projection: {None if proj is None else tuple(proj.shape)})"
+        )
+    return found
+
+
+def import_openuni(
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    mllm: str | Path,
+    decoder: DecoderChoice = "auto",
+    heads: int | None = None,
+    stage: Stage = "pretrain",
+    overwrite: bool = False,
+) -> MetaQueryConfig:
+    """Write OpenUni's `checkpoint` (.pth) as this pack's checkpoint `out`, for the MLLM folder `mllm`.
+
+    decoder: "auto" / "include" take the fine-tuned Sana weights the checkpoint holds ("include" insists on them),
+    "skip" leaves them out.
+    """
+    if decoder not in ("auto", "include", "skip"):
+        raise ValueError(f"decoder {decoder!r} not in ['auto', 'include', 'skip']")
+    checkpoint, out, mllm = Path(checkpoint), Path(out), Path(mllm)
+    check_output(out, overwrite)
+    family, width = mllm_facts(mllm)
+    state = read_state(checkpoint)
+    queries = state["meta_queries"]  # (N, D)
+    if queries.ndim != 2 or queries.shape[1] != width:
+        raise ValueError(
+            f"the checkpoint's queries {tuple(queries.shape)} do not fit MLLM {mllm.name!r} of width {width}; "
+            "OpenUni-B was trained on InternVL3-1B (width 896), OpenUni-L on InternVL3-2B (width 1536)"
+        )
+    connector_tensors = connector_state(state)
+    connector = connector_config(connector_tensors, width, heads)
+    tuned = decoder_state(state, connector.out_width)
+    if decoder == "include" and not tuned:
+        raise ValueError(f"{str(checkpoint)!r} holds no fine-tuned Sana weights (transformer.*) to include")
+    config = MetaQueryConfig(
+        mllm_family=family,
+        mllm_width=width,
+        num_queries=queries.shape[0],
+        connector=connector,
+        decoder_family="sana",
+        decoder_text_width=connector.out_width,
+        stage=stage,
+        system_prompt=None,
+        max_prompt_tokens=2048,  # OpenUni does not cut text prompts
+        prompt_template=PROMPT,
+        empty_prompt=EMPTY_PROMPT,
+        mllm_name=mllm.name,
+        extra={"imported_from": "wusize/OpenUni", "source": checkpoint.name},
+    )
+    head_state = {"queries.queries": queries, **{f"connector.{k}": v for k, v in connector_tensors.items()}}
+    write_imported(out, config, head_state, tuned if decoder != "skip" and tuned else None)
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m metaqueries_core.importers.openuni",
+        description="Convert an OpenUni .pth checkpoint into a ComfyUI-MetaQueries checkpoint.",
+    )
+    parser.add_argument("checkpoint", help="OpenUni's .pth file")
+    parser.add_argument("out", help="the .safetensors file to write (e.g. ComfyUI/models/metaqueries/x.safetensors)")
+    parser.add_argument("--mllm", required=True, help="the transformers-native InternVL3 folder it was trained on")
+    parser.add_argument("--decoder", choices=["auto", "include", "skip"], default="auto")
+    parser.add_argument("--heads", type=int, default=None, help="connector heads (default: width / 64, as OpenUni)")
+    parser.add_argument("--stage", choices=["pretrain", "instruct"], default="pretrain", help="recorded in the config")
+    parser.add_argument("--overwrite", action="store_true", help="replace `out` if it exists")
+    args = parser.parse_args(argv)
+    try:
+        config = import_openuni(
+            args.checkpoint,
+            args.out,
+            mllm=args.mllm,
+            decoder=args.decoder,
+            heads=args.heads,
+            stage=args.stage,
+            overwrite=args.overwrite,
+        )
+    except (OSError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(summary(args.out, config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
