@@ -36,9 +36,17 @@ def read_model_type(path: str | Path) -> str:
     return model_type
 
 
+# model types of layouts that a supported family also ships in, and what to load instead
+OTHER_LAYOUTS = {
+    "internvl_chat": "this is InternVL's remote-code layout; load its transformers-native '-hf' folder instead "
+    "(model_type 'internvl', e.g. OpenGVLab/InternVL3-1B-hf)",
+}
+
+
 def adapter_for(model_type: str) -> type[MLLMAdapter]:
     if model_type not in MLLM_ADAPTERS:
-        raise ValueError(f"unsupported MLLM model_type {model_type!r}; supported: {sorted(MLLM_ADAPTERS)}")
+        hint = f": {OTHER_LAYOUTS[model_type]}" if model_type in OTHER_LAYOUTS else ""
+        raise ValueError(f"unsupported MLLM model_type {model_type!r}{hint}; supported: {sorted(MLLM_ADAPTERS)}")
     return MLLM_ADAPTERS[model_type]
 
 

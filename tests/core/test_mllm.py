@@ -169,6 +169,9 @@ def test_unknown_model_type_lists_supported(tmp_path):
         load_mllm(tmp_path)
     for name in MLLM_ADAPTERS:
         assert name in str(e.value)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "internvl_chat"}))
+    with pytest.raises(ValueError, match="InternVL's remote-code layout; load its transformers-native '-hf' folder"):
+        load_mllm(tmp_path)
 
 
 def test_folder_that_is_not_a_model(tmp_path):
