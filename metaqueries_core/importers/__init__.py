@@ -6,7 +6,5 @@
   OUT.safetensors --mllm INTERNVL3_FOLDER`.
 """
 
-from .openuni import import_openuni
-from .reference import import_reference
-
-__all__ = ["import_openuni", "import_reference"]
+# the importers are not imported here: each runs as `python -m metaqueries_core.importers.<name>`, which warns when
+# the package has already imported the module it is about to run

@@ -18,7 +18,6 @@ input images (OpenUni's image-to-image path feeds the vision tower its own way).
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -30,7 +29,7 @@ import torch
 from ..checkpoint import MetaQueryConfig, Stage
 from ..connector import ConnectorConfig
 from ..mllm import read_model_type
-from .output import check_output, summary, write_imported
+from .output import check_output, importer_parser, run_import, write_imported
 
 TEMPLATE = "<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n<img>"
 PROMPT = TEMPLATE.replace("{input}", "Generate an image: {caption}")
@@ -176,33 +175,20 @@ def import_openuni(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m metaqueries_core.importers.openuni",
-        description="Convert an OpenUni .pth checkpoint into a ComfyUI-MetaQueries checkpoint.",
+    parser = importer_parser(
+        "python -m metaqueries_core.importers.openuni",
+        "Convert an OpenUni .pth checkpoint into a ComfyUI-MetaQueries checkpoint.",
+        "OpenUni's .pth file",
     )
-    parser.add_argument("checkpoint", help="OpenUni's .pth file")
-    parser.add_argument("out", help="the .safetensors file to write (e.g. ComfyUI/models/metaqueries/x.safetensors)")
     parser.add_argument("--mllm", required=True, help="the transformers-native InternVL3 folder it was trained on")
-    parser.add_argument("--decoder", choices=["auto", "include", "skip"], default="auto")
     parser.add_argument("--heads", type=int, default=None, help="connector heads (default: width / 64, as OpenUni)")
-    parser.add_argument("--stage", choices=["pretrain", "instruct"], default="pretrain", help="recorded in the config")
-    parser.add_argument("--overwrite", action="store_true", help="replace `out` if it exists")
-    args = parser.parse_args(argv)
-    try:
-        config = import_openuni(
-            args.checkpoint,
-            args.out,
-            mllm=args.mllm,
-            decoder=args.decoder,
-            heads=args.heads,
-            stage=args.stage,
-            overwrite=args.overwrite,
-        )
-    except (OSError, ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(summary(args.out, config))
-    return 0
+    a = parser.parse_args(argv)
+    return run_import(
+        lambda: import_openuni(
+            a.source, a.out, mllm=a.mllm, decoder=a.decoder, heads=a.heads, stage=a.stage, overwrite=a.overwrite
+        ),
+        a.out,
+    )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,9 @@ and write the checkpoint; and the one-line summary its command prints."""
 
 from __future__ import annotations
 
+import argparse
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -44,9 +47,37 @@ def summary(out: str, config: MetaQueryConfig) -> str:
     c = config.connector
     decoder = f"with {decoder_tensors} fine-tuned decoder tensors" if decoder_tensors else "no decoder weights"
     return (
-        f"wrote {out}: {config.num_queries} queries for a {config.mllm_family} MLLM of width {config.mllm_width}, "
+        f"wrote {out}: {config.num_queries} queries for MLLM family {config.mllm_family!r} (width "
+        f"{config.mllm_width}), "
         f"connector depth {c.depth} width {c.inner_width} heads {c.num_heads}, {config.decoder_family} decoder "
         f"(text width {config.decoder_text_width}), {decoder}. Load it with the base MLLM "
         f"({config.mllm_name or 'the one it was trained on'}) and decoder "
         f"({config.decoder_name or 'the one it was trained on'}) folders."
     )
+
+
+def importer_parser(prog: str, description: str, source_help: str) -> argparse.ArgumentParser:
+    """The arguments every importer command takes: the source, the output file, --decoder, --stage, --overwrite."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("source", help=source_help)
+    parser.add_argument("out", help="the .safetensors file to write (e.g. ComfyUI/models/metaqueries/x.safetensors)")
+    parser.add_argument(
+        "--decoder",
+        choices=["auto", "include", "skip"],
+        default="auto",
+        help="fine-tuned decoder weights: auto = when the source trained them (default); include / skip",
+    )
+    parser.add_argument("--stage", choices=["pretrain", "instruct"], default="pretrain", help="recorded in the config")
+    parser.add_argument("--overwrite", action="store_true", help="replace `out` if it exists")
+    return parser
+
+
+def run_import(convert: Callable[[], MetaQueryConfig], out: str) -> int:
+    """Run an importer for a command: the summary and 0, or a one-line error on stderr and 2."""
+    try:
+        config = convert()
+    except (OSError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(summary(out, config))
+    return 0

@@ -14,7 +14,6 @@ The MLLM family and the decoder family are read from the weights' structure, nev
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -27,7 +26,7 @@ import torch
 
 from ..checkpoint import MetaQueryConfig, Stage
 from ..connector import ConnectorConfig
-from .output import check_output, summary, write_imported
+from .output import check_output, importer_parser, run_import, write_imported
 from .weights import WeightsFolder
 
 log = logging.getLogger(__name__)
@@ -223,30 +222,15 @@ def import_reference(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m metaqueries_core.importers.reference",
-        description="Convert a MetaQuery reference-trainer checkpoint folder into a ComfyUI-MetaQueries checkpoint.",
+    parser = importer_parser(
+        "python -m metaqueries_core.importers.reference",
+        "Convert a MetaQuery reference-trainer checkpoint folder into a ComfyUI-MetaQueries checkpoint.",
+        "the reference checkpoint folder (config.json + model weights)",
     )
-    parser.add_argument("folder", help="the reference checkpoint folder (config.json + model weights)")
-    parser.add_argument("out", help="the .safetensors file to write (e.g. ComfyUI/models/metaqueries/x.safetensors)")
-    parser.add_argument(
-        "--decoder",
-        choices=["auto", "include", "skip"],
-        default="auto",
-        help="the fine-tuned denoiser's weights: auto = when the reference trained them (default)",
+    a = parser.parse_args(argv)
+    return run_import(
+        lambda: import_reference(a.source, a.out, decoder=a.decoder, stage=a.stage, overwrite=a.overwrite), a.out
     )
-    parser.add_argument("--stage", choices=["pretrain", "instruct"], default="pretrain", help="recorded in the config")
-    parser.add_argument("--overwrite", action="store_true", help="replace `out` if it exists")
-    args = parser.parse_args(argv)
-    try:
-        config = import_reference(
-            args.folder, args.out, decoder=args.decoder, stage=args.stage, overwrite=args.overwrite
-        )
-    except (OSError, ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(summary(args.out, config))
-    return 0
 
 
 if __name__ == "__main__":

@@ -241,7 +241,10 @@ class MLLMAdapter(ABC):
             raise TypeError("prompts must be a list of strings, got a single string")
         images = self.check_images(images, len(prompts))
         if layout.template and any(images):
-            raise ValueError("this checkpoint's prompt template takes no input images (it was trained on text only)")
+            raise ValueError(
+                "this checkpoint writes its prompts from a template (an imported OpenUni text-to-image format), "
+                "which takes no input images: use it for text-to-image"
+            )
         feats, extra = self.image_features(images) if any(images) else ([], {})
         counts = iter([f.shape[0] for f in feats])
         rows = []

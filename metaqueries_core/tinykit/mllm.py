@@ -153,6 +153,19 @@ def _qwen_vl(size: TinySize, texts: Iterable[str], v25: bool) -> tuple[torch.nn.
     return model, tok, image_processor
 
 
+def _vision_config(size: TinySize, tile: int, **extra: Any) -> dict[str, Any]:
+    """A tiny ViT on square tiles of `tile` pixels (LLaVA-OV's SigLIP, InternVL's InternViT)."""
+    return dict(
+        hidden_size=size.vision_width,
+        intermediate_size=size.vision_width * 2,
+        num_hidden_layers=size.vision_layers,
+        num_attention_heads=2,
+        image_size=tile,
+        patch_size=size.patch,
+        **extra,
+    )
+
+
 def _llava_onevision(size: TinySize, texts: Iterable[str]) -> tuple[torch.nn.Module, Any, Any]:
     tok = _chat_tokenizer(LLAVA_SPECIALS, templates.LLAVA_ONEVISION, size, texts)
     pad, eos, image, video = _ids(tok, "<|endoftext|>", "<|im_end|>", "<image>", "<video>")
@@ -160,15 +173,7 @@ def _llava_onevision(size: TinySize, texts: Iterable[str]) -> tuple[torch.nn.Mod
     pinpoints = [[tile, tile], [tile, 2 * tile], [2 * tile, tile], [2 * tile, 2 * tile]]
     config = LlavaOnevisionConfig(
         text_config={"model_type": "qwen2", **_text_config(size, len(tok), bos_token_id=pad, eos_token_id=eos)},
-        vision_config=dict(
-            model_type="siglip_vision_model",
-            hidden_size=size.vision_width,
-            intermediate_size=size.vision_width * 2,
-            num_hidden_layers=size.vision_layers,
-            num_attention_heads=2,
-            image_size=tile,
-            patch_size=size.patch,
-        ),
+        vision_config=_vision_config(size, tile, model_type="siglip_vision_model"),
         image_token_index=image,
         video_token_index=video,
         image_grid_pinpoints=pinpoints,
@@ -195,14 +200,7 @@ def _internvl(size: TinySize, texts: Iterable[str]) -> tuple[torch.nn.Module, An
     tile = size.patch * 4  # 4x4 patches per tile, pixel-shuffled to 2x2 tokens
     config = InternVLConfig(
         text_config={"model_type": "qwen2", **_text_config(size, len(tok), bos_token_id=pad, eos_token_id=eos)},
-        vision_config=dict(
-            hidden_size=size.vision_width,
-            intermediate_size=size.vision_width * 2,
-            num_hidden_layers=size.vision_layers,
-            num_attention_heads=2,
-            image_size=tile,
-            patch_size=size.patch,
-        ),
+        vision_config=_vision_config(size, tile),
         image_token_id=context,
         image_seq_length=(tile // size.patch) ** 2 // 4,  # tokens per tile (the processor's setting upstream)
         downsample_ratio=0.5,

@@ -24,8 +24,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP, Qwen2RMSNorm, app
 from metaqueries_core.checkpoint import apply_decoder_state, check_compatible, load_checkpoint
 from metaqueries_core.connector import Connector
 from metaqueries_core.decoders import load_decoder
-from metaqueries_core.importers import import_reference
-from metaqueries_core.importers.reference import connector_config, connector_state, main
+from metaqueries_core.importers.reference import connector_config, connector_state, import_reference, main
 from metaqueries_core.importers.weights import WeightsFolder
 from metaqueries_core.sampling import Guidance, generate
 
@@ -255,7 +254,7 @@ def test_bad_inputs_are_named(reference, tmp_path):
 def test_command_line(reference, tmp_path, capsys):
     root = reference[0]
     assert main([str(root / "checkpoint-1000"), str(tmp_path / "cli.safetensors"), "--decoder=skip"]) == 0
-    assert "8 queries for a qwen2_5_vl MLLM" in capsys.readouterr().out
+    assert "8 queries for MLLM family 'qwen2_5_vl' (width 64)" in capsys.readouterr().out
     assert load_checkpoint(tmp_path / "cli.safetensors")[2] == {}
     assert main([str(root), str(tmp_path / "bad.safetensors")]) == 2
     assert "training run folder" in capsys.readouterr().err
