@@ -77,7 +77,7 @@ class ConnectorConfig:
 
     @property
     def mlp_width(self) -> int:
-        # rounded: OpenUni's 3072 over width 896 is a ratio float multiplication does not give back exactly
+        # rounded: a ratio read off the weights (hidden / width) does not always multiply back (11 * (15 / 11) < 15)
         return round(self.inner_width * self.mlp_ratio)
 
     @property
@@ -197,7 +197,7 @@ class Connector(nn.Module):
         if not cfg.depth or not cfg.final_norm:
             self.norm = nn.Identity()
         else:
-            self.norm = RMSNorm(w, eps=1e-6) if cfg.layer_style == "qwen2" else nn.LayerNorm(w, eps=1e-6)
+            self.norm = RMSNorm(w, eps=1e-6) if cfg.layer_style != "siglip" else nn.LayerNorm(w, eps=1e-6)
         if cfg.projection == "mlp_norm":
             self.proj = nn.Sequential(
                 nn.Linear(w, cfg.out_width),

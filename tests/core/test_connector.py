@@ -133,3 +133,18 @@ def test_rms_norms_see_their_weights_dtype_under_bf16_autocast(monkeypatch):
     assert out.shape == (2, 5, 24) and torch.isfinite(out).all()
     assert len(seen) == 2 * 4 + 2  # per layer: two norms and the q/k norms; the final norm; the projection's norm
     assert all(x == w == torch.float32 for x, w in seen), seen
+
+
+def test_norms_follow_the_layer_style_and_final_norm():
+    rms, ln = torch.nn.RMSNorm, torch.nn.LayerNorm
+    for style, kind in (("qwen2", rms), ("reference", rms), ("siglip", ln)):
+        c = Connector(ConnectorConfig(in_width=64, out_width=8, depth=1, layer_style=style))
+        assert isinstance(c.norm, kind) and isinstance(c.layers[0].norm1, kind)
+        bare = Connector(ConnectorConfig(in_width=64, out_width=8, depth=1, layer_style=style, final_norm=False))
+        assert isinstance(bare.norm, torch.nn.Identity)
+
+
+def test_mlp_width_read_off_weights_multiplies_back():
+    # 11 * (15 / 11) is 14.999...: a ratio taken from imported weights must give the same hidden width back
+    c = Connector(ConnectorConfig(in_width=11, out_width=8, depth=1, heads=1, pos_embed="none", mlp_ratio=15 / 11))
+    assert c.layers[0].mlp.gate_proj.out_features == 15
