@@ -20,7 +20,15 @@ if __name__ == "__main__":  # run as a script: make the repository and this fold
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from make_example_models import CHECKPOINT_NAME, INPUT_IMAGES, MLLM_NAME, SANA_NAME, SD15_NAME
+from make_example_models import (
+    CHECKPOINT_NAME,
+    INPUT_IMAGES,
+    INTERNVL_NAME,
+    MLLM_NAME,
+    OPENUNI_NAME,
+    SANA_NAME,
+    SD15_NAME,
+)
 from workflow_kit import WORKFLOW_DIR, Graph, check_workflow
 
 from training.toyjob import ToyJobConfig
@@ -31,8 +39,8 @@ def _note(g: Graph, text: str, pos: tuple[int, int] = (40, 40)) -> None:
 
 
 _MODELS = (
-    f"models/LLM/{MLLM_NAME}/  (the frozen MLLM, a Hugging Face folder; models/text_encoders/ works too)\n"
-    f"models/metaqueries/{{checkpoint}}  (MetaQuery checkpoint: queries + connector)\n"
+    "models/LLM/{mllm}/  (the frozen MLLM, a Hugging Face folder; models/text_encoders/ works too)\n"
+    "models/metaqueries/{checkpoint}  (MetaQuery checkpoint: queries + connector)\n"
 )
 _SANA = f"models/diffusers/{SANA_NAME}/  (Sana decoder, a diffusers folder)\n"
 _TOY = (
@@ -42,8 +50,10 @@ _TOY = (
 _INPUT = "\nInput images go in ComfyUI/input/ ({images})."
 
 
-def _loaders(g: Graph, *, checkpoint: str = CHECKPOINT_NAME, decoder: bool = True) -> tuple[dict, ...]:
-    mllm = g.add("MetaQueries_LoadMLLM", (40, 330), mllm_name=MLLM_NAME)
+def _loaders(
+    g: Graph, *, mllm_name: str = MLLM_NAME, checkpoint: str = CHECKPOINT_NAME, decoder: bool = True
+) -> tuple[dict, ...]:
+    mllm = g.add("MetaQueries_LoadMLLM", (40, 330), mllm_name=mllm_name)
     ckpt = g.add("MetaQueries_LoadCheckpoint", (40, 500), checkpoint_name=checkpoint)
     if not decoder:
         return mllm, ckpt
@@ -77,10 +87,10 @@ def _sample(g: Graph, dec: dict, pos: tuple[int, int], **values) -> dict:
     return sample
 
 
-def text_to_image_sana() -> Graph:
+def _text_to_image(note: str, **loaders: str) -> Graph:
     g = Graph()
-    _note(g, "Text to image with a Sana decoder.\n\n" + _MODELS.format(checkpoint=CHECKPOINT_NAME) + _SANA + _TOY)
-    mllm, ckpt, dec = _loaders(g)
+    _note(g, note)
+    mllm, ckpt, dec = _loaders(g, **loaders)
     prompts = {key: _conditioning(g, mllm, ckpt, key, text, y) for key, text, y in _PROMPTS}
     sample = _sample(g, dec, (1100, 200))
     for key, conn in prompts.items():
@@ -88,10 +98,38 @@ def text_to_image_sana() -> Graph:
     return g
 
 
+def text_to_image_sana() -> Graph:
+    models = _MODELS.format(mllm=MLLM_NAME, checkpoint=CHECKPOINT_NAME)
+    return _text_to_image("Text to image with a Sana decoder.\n\n" + models + _SANA + _TOY)
+
+
+def text_to_image_openuni() -> Graph:
+    note = (
+        "Text to image with an OpenUni checkpoint (InternVL3 + Sana), imported with\n"
+        "python -m metaqueries_core.importers.openuni CKPT.pth models/metaqueries/NAME.safetensors "
+        "--mllm models/LLM/InternVL3-1B-hf\n"
+        'Its prompt format comes with it ("Generate an image: ..."; an empty negative is OpenUni\'s unconditional '
+        "prompt); it takes no input images.\n\n"
+        + _MODELS.format(mllm=INTERNVL_NAME, checkpoint=OPENUNI_NAME)
+        + _SANA
+        + "\nThe names are tiny random stand-ins (`python tests/nodes/make_example_models.py ComfyUI/models`). With "
+        "the real ones (OpenUni-B-512: InternVL3-1B-hf, its imported checkpoint, Sana_600M_512px_diffusers) use "
+        "512 x 512, 20 steps, guidance 4.5 (OpenUni's own settings)."
+    )
+    return _text_to_image(note, mllm_name=INTERNVL_NAME, checkpoint=OPENUNI_NAME)
+
+
 def _edit_graph(instruction: str, images: list[str], what: str) -> Graph:
     g = Graph()
     files = ", ".join(images)
-    text = what + "\n\n" + _MODELS.format(checkpoint=CHECKPOINT_NAME) + _SANA + _INPUT.format(images=files) + _TOY
+    text = (
+        what
+        + "\n\n"
+        + _MODELS.format(mllm=MLLM_NAME, checkpoint=CHECKPOINT_NAME)
+        + _SANA
+        + _INPUT.format(images=files)
+        + _TOY
+    )
     _note(g, text)
     mllm, ckpt, dec = _loaders(g)
     edit = g.add("MetaQueries_EditConditioning", (780, 40), box=360, instruction=instruction)
@@ -125,7 +163,7 @@ def sd15_core_ksampler() -> Graph:
     text = (
         "MetaQuery conditioning driving core KSampler with an SD1.5 checkpoint loaded by core "
         "CheckpointLoaderSimple (its CLIP output stays unused: the MLLM + connector replace it).\n\n"
-        + _MODELS.format(checkpoint=SD15_NAME)
+        + _MODELS.format(mllm=MLLM_NAME, checkpoint=SD15_NAME)
         + f"models/checkpoints/{SD15_NAME}  (SD1.5 checkpoint, single file)\n"
         + _TOY
     )
@@ -171,6 +209,7 @@ def understanding() -> Graph:
 
 WORKFLOWS: dict[str, Callable[[], Graph]] = {
     "text_to_image_sana": text_to_image_sana,
+    "text_to_image_openuni": text_to_image_openuni,
     "editing": editing,
     "subject_driven": subject_driven,
     "sd15_core_ksampler": sd15_core_ksampler,

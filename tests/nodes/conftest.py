@@ -14,7 +14,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # make_example_models,
 
 from make_example_models import (  # noqa: E402
     CHECKPOINT_NAME,
+    INTERNVL_NAME,
     MLLM_NAME,
+    OPENUNI_NAME,
     SANA_NAME,
     SD15_NAME,
     SD15_TEXT_WIDTH,
@@ -53,10 +55,11 @@ def models_root(tmp_path_factory, mllm_folder, decoder_loader):
     """ComfyUI-style models folder of tiny models; comfy_env's folder lookup points at it for the session."""
     root = tmp_path_factory.mktemp("comfy_models")
     with one_thread():
-        mllm_dir = mllm_folder("qwen2_5_vl")
+        mllm_dir, internvl_dir = mllm_folder("qwen2_5_vl"), mllm_folder("internvl")
         sana, sd15 = decoder_loader("sana"), decoder_loader("sd15")
     links = {
         f"LLM/{MLLM_NAME}": mllm_dir,
+        f"LLM/{INTERNVL_NAME}": internvl_dir,
         f"text_encoders/{NESTED_MLLM}": mllm_dir,
         f"diffusers/{SANA_NAME}": sana.source,
         f"diffusers/{SD15_TINY}": sd15.source,
@@ -76,6 +79,8 @@ def models_root(tmp_path_factory, mllm_folder, decoder_loader):
     with one_thread():
         for name, kw in checkpoints.items():
             write_checkpoint(root / "metaqueries" / name, **kw)
+        openuni = dict(mllm_family="internvl", mllm_width=64, decoder_family="sana", openuni=True)
+        write_checkpoint(root / "metaqueries" / OPENUNI_NAME, decoder_text_width=sana.text_width, **openuni)
         write_example_inputs(root.parent / f"{root.name}_input")
 
     assert not comfy_env.IN_COMFYUI  # the lookup falls back to $METAQUERIES_MODELS_DIR/<key folder>

@@ -4,8 +4,11 @@
 
 Layout (ComfyUI's models folder):
     LLM/metaqueries-toy-qwen2_5_vl/                tiny Qwen2.5-VL (Hugging Face folder)
+    LLM/metaqueries-toy-internvl/                  tiny InternVL3 in its transformers-native form
     diffusers/metaqueries-toy-sana/                tiny Sana (diffusers folder)
     metaqueries/metaqueries-toy.safetensors        random MetaQuery head: that MLLM -> that Sana
+    metaqueries/metaqueries-toy-openuni.safetensors  random head in an imported OpenUni checkpoint's layout and
+                                                   prompt format: the InternVL -> that Sana
     checkpoints/metaqueries-toy-sd15.safetensors   SD1.5 single file for core CheckpointLoaderSimple
     metaqueries/metaqueries-toy-sd15.safetensors   random MetaQuery head: that MLLM -> 768-wide SD1.5 conditioning
     extra_model_paths.yaml                         registers LLM/ and metaqueries/ of this folder with ComfyUI
@@ -36,11 +39,14 @@ from metaqueries_core.connector import SANA_OUT_NORM_SCALE, ConnectorConfig
 from metaqueries_core.decoders import load_decoder
 from metaqueries_core.decoders.tiny import write_sd15_single_file, write_tiny_sana
 from metaqueries_core.head import MetaQueryHead
+from metaqueries_core.importers import openuni as openuni_format
 from metaqueries_core.mllm import load_mllm
 from metaqueries_core.tinykit import write_tiny_mllm
 from metaqueries_core.toyworld import ToyWorld, all_text
 
 MLLM_NAME = "metaqueries-toy-qwen2_5_vl"
+INTERNVL_NAME = "metaqueries-toy-internvl"
+OPENUNI_NAME = "metaqueries-toy-openuni.safetensors"
 SANA_NAME = "metaqueries-toy-sana"
 CHECKPOINT_NAME = "metaqueries-toy.safetensors"
 SD15_NAME = "metaqueries-toy-sd15.safetensors"  # both the core checkpoint and the MetaQuery checkpoint for it
@@ -64,9 +70,12 @@ def write_checkpoint(
     seed: int = 0,
     mllm_name: str = "",
     decoder_name: str = "",
+    openuni: bool = False,
 ) -> Path:
     """A randomly initialised MetaQuery head for an MLLM of this family and width and a decoder of this family and
-    text width."""
+    text width; `openuni`: in the layout and prompt format the OpenUni importer writes."""
+    layout = dict(layer_style="siglip", pos_embed="none", qk_norm=False, final_norm=False, projection="linear")
+    prompt = dict(system_prompt=None, prompt_template=openuni_format.PROMPT, empty_prompt=openuni_format.EMPTY_PROMPT)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         connector = ConnectorConfig(
@@ -75,19 +84,17 @@ def write_checkpoint(
             depth=depth,
             init_std=0.05,
             out_norm_scale=SANA_OUT_NORM_SCALE if decoder_family == "sana" else 1.0,
+            **(layout if openuni else {}),
         )
-        head = MetaQueryHead(num_queries=num_queries, connector=connector)
+        head = MetaQueryHead(num_queries=num_queries, connector=connector, **(prompt if openuni else {}))
     config = MetaQueryConfig(
         mllm_family=mllm_family,
         mllm_width=mllm_width,
-        num_queries=num_queries,
-        connector=connector,
         decoder_family=decoder_family,
         decoder_text_width=decoder_text_width,
-        system_prompt=head.system_prompt,
-        max_prompt_tokens=head.max_prompt_tokens,
         mllm_name=mllm_name,
         decoder_name=decoder_name,
+        **head.settings(),
     )
     return save_checkpoint(path, head, config)
 
@@ -173,6 +180,20 @@ def write_example_models(models_dir: Path, *, sd15: bool = True) -> list[Path]:
                 **common,
             )
         )
+    internvl_dir = write_tiny_mllm("internvl", models_dir / "LLM" / INTERNVL_NAME, texts=all_text())
+    written.append(internvl_dir)
+    written.append(
+        write_checkpoint(
+            models_dir / "metaqueries" / OPENUNI_NAME,
+            mllm_family="internvl",
+            mllm_width=load_mllm(internvl_dir).width,
+            decoder_family="sana",
+            decoder_text_width=sana.text_width,
+            mllm_name=INTERNVL_NAME,
+            decoder_name=SANA_NAME,
+            openuni=True,
+        )
+    )
     written.append(write_extra_model_paths(models_dir))
     return written
 

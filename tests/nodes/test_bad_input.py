@@ -165,3 +165,19 @@ def test_describe_stops_on_interrupt(mllm_loader):
         comfy_env.interrupt_current_processing(False)
     (text,) = Describe().ask(mllm, "what colour?", "", 2)
     assert isinstance(text, str)
+
+
+def test_a_prompt_template_checkpoint_refuses_input_images_by_name(models_root):
+    """An imported OpenUni checkpoint writes its prompts from a template without image placeholders: an edit graph
+    (or an image on MetaQuery Encode) stops with that reason, not with a shape error."""
+    from conftest import INTERNVL_NAME, OPENUNI_NAME
+
+    (mllm,) = LoadMLLM().load(INTERNVL_NAME, "auto", "auto")
+    (checkpoint,) = LoadCheckpoint().load(OPENUNI_NAME, "auto", "auto")
+    message = "writes its prompts from a template .*, which takes no input images"
+    with pytest.raises(ValueError, match=message):
+        EditConditioning().encode(mllm, checkpoint, "make it blue", "", torch.rand(1, 32, 32, 3))
+    with pytest.raises(ValueError, match=message):
+        Encode().encode(mllm, checkpoint, "a red circle", torch.rand(1, 32, 32, 3))
+    (states,) = Encode().encode(mllm, checkpoint, "a red circle")
+    assert states.states.shape[:2] == (1, checkpoint.config.num_queries)

@@ -67,7 +67,9 @@ def test_loaders_list_the_models_folders(models_root):
     mllms = NODE_CLASS_MAPPINGS["MetaQueries_LoadMLLM"].INPUT_TYPES()["required"]["mllm_name"][0]
     checkpoints = NODE_CLASS_MAPPINGS["MetaQueries_LoadCheckpoint"].INPUT_TYPES()["required"]["checkpoint_name"][0]
     decoders = NODE_CLASS_MAPPINGS["MetaQueries_LoadDecoder"].INPUT_TYPES()["required"]["decoder_name"][0]
-    assert mllms == sorted(["metaqueries-toy-qwen2_5_vl", NESTED_MLLM])  # models/LLM and models/text_encoders
+    assert mllms == sorted(
+        ["metaqueries-toy-qwen2_5_vl", "metaqueries-toy-internvl", NESTED_MLLM]
+    )  # LLM + text_encoders
     assert "metaqueries-toy.safetensors" in checkpoints and all(c.endswith(".safetensors") for c in checkpoints)
     assert decoders == sorted(["metaqueries-toy-sana", SD15_TINY])
 
