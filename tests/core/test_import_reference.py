@@ -220,6 +220,21 @@ def test_imported_head_computes_what_the_reference_does(reference, mllm_loader, 
     assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
 
 
+@pytest.mark.parametrize("family", ["llava_onevision", "qwen2_vl"])
+def test_the_mllm_family_is_read_from_the_weights(family, reference, mllm_folder, mllm_loader, tmp_path):
+    """LLaVA-OneVision (the reference's other family) and Qwen2-VL are told apart from Qwen2.5-VL by their tensors."""
+    folder = tmp_path / family
+    _, added, _ = write_reference_folder(folder, mllm_folder(family), reference[2])
+    config = import_reference(folder, tmp_path / "imported.safetensors")
+    _, head, _ = load_checkpoint(tmp_path / "imported.safetensors")
+    mllm = mllm_loader(family)
+    assert config.mllm_family == family
+    check_compatible(config, mllm=mllm)
+    with torch.no_grad():
+        states = head.states(mllm, head.prepare(mllm, ["a red circle"]))[0]
+    torch.testing.assert_close(states, reference_query_states(mllm_folder(family), mllm, added, "a red circle", 8))
+
+
 def test_frozen_decoder_is_left_out_and_options_override(reference, tmp_path):
     folder = tmp_path / "frozen_decoder"
     write_reference_folder(folder, reference[1], reference[2], freeze_decoder=True)
