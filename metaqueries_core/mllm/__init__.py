@@ -8,8 +8,9 @@ from typing import Any
 
 import torch
 
-from .base import DEFAULT_SYSTEM_PROMPT, MLLMAdapter, PromptBatch, PromptLayout
+from .base import DEFAULT_SYSTEM_PROMPT, MLLMAdapter, PromptBatch
 from .internvl import InternVLAdapter
+from .layout import PromptLayout
 from .llava_onevision import LlavaOneVisionAdapter
 from .qwen_vl import QwenVLAdapter
 from .text_lm import TextLMAdapter

@@ -22,6 +22,7 @@ from torch import nn
 from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
 from ..images import ensure_max_aspect, ensure_min_side, to_rgb
+from .layout import PLAIN, PromptLayout
 
 log = logging.getLogger(__name__)
 
@@ -55,30 +56,6 @@ class Default(enum.Enum):
 
 
 DEFAULT = Default.TOKEN
-
-
-@dataclass(frozen=True)
-class PromptLayout:
-    """How a caption becomes the MLLM's text beyond the chat template: part of a checkpoint's prompt format."""
-
-    suffix: str = ""  # text after the generation prompt, before the query slots (reference imports: "\n")
-    # a whole prompt with "{caption}" where the (stripped) caption goes, used instead of the chat template, system
-    # prompt and suffix (OpenUni imports); it takes no input images
-    template: str = ""
-    empty: str | None = None  # with a template: the whole prompt for an empty caption (None: the template with "")
-
-    def __post_init__(self) -> None:
-        if self.template and "{caption}" not in self.template:
-            raise ValueError(f"prompt template {self.template!r} has no '{{caption}}' where the caption goes")
-        if self.empty is not None and not self.template:
-            raise ValueError("an empty-caption prompt needs a prompt template")
-
-    def fill(self, caption: str) -> str:
-        """The templated prompt of one caption."""
-        caption = caption.strip()
-        if not caption and self.empty is not None:
-            return self.empty
-        return self.template.replace("{caption}", caption)
 
 
 @dataclass
@@ -229,7 +206,7 @@ class MLLMAdapter(ABC):
         *,
         system_prompt: str | None | Default = DEFAULT,
         max_prompt_tokens: int | None = None,
-        layout: PromptLayout = PromptLayout(),
+        layout: PromptLayout = PLAIN,
     ) -> tuple[list[list[int]], list[torch.Tensor], dict[str, Any]]:
         """Chat-formatted token rows (image placeholders expanded to the feature counts), the vision features per
         image (each (n_i, D)) and the family's pixel kwargs. The features follow the caller's gradient mode:
@@ -285,7 +262,7 @@ class MLLMAdapter(ABC):
         num_queries: int = 0,
         system_prompt: str | None | Default = DEFAULT,
         max_prompt_tokens: int | None = None,
-        layout: PromptLayout = PromptLayout(),
+        layout: PromptLayout = PLAIN,
     ) -> PromptBatch:
         """Tokenise prompts (+ images), left-pad, append `num_queries` slots, embed with vision features merged.
 
