@@ -26,11 +26,12 @@ def write_imported(
     head_state: dict[str, torch.Tensor],
     decoder_state: dict[str, torch.Tensor] | None,
 ) -> Path:
-    """`head_state`: the head's state dict (queries.queries, queries.lead, connector.*), any float dtype."""
+    """`head_state`: the head's state dict (queries.queries, queries.lead, connector.*) in the source's dtype, which
+    the file keeps (the reference and OpenUni save bf16: converting would double the file and add nothing;
+    `load_checkpoint` casts to the dtype asked for)."""
     with torch.device("meta"):
         head = MetaQueryHead(**config.head_settings())
-    state = {k: v.float() for k, v in head_state.items()}
-    missing, unexpected = head.load_state_dict(state, strict=False, assign=True)
+    missing, unexpected = head.load_state_dict(head_state, strict=False, assign=True)
     if missing or unexpected:
         c = config.connector
         raise ValueError(

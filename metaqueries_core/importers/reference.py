@@ -134,7 +134,7 @@ def slot_rows(weights: WeightsFolder, num_queries: int) -> tuple[torch.Tensor, t
     base = rows - num_queries - 2
     if base < 1:
         raise ValueError(f"{key} has {rows} rows, too few for {num_queries} queries + 2 added tokens")
-    added = weights.rows(key, base, rows).float()  # (N + 2, D)
+    added = weights.rows(key, base, rows)  # (N + 2, D)
     return added[:1], added[2:]
 
 

@@ -178,3 +178,17 @@ def test_bad_inputs_are_named(mllm_folder, mllm_loader, decoder_loader, tmp_path
     assert main([str(pth), str(tmp_path / "cli.safetensors"), f"--mllm={folder}"]) == 0
     assert main([str(narrow), str(tmp_path / "bad.safetensors"), f"--mllm={folder}"]) == 2
     assert not (tmp_path / "bad.safetensors").exists()
+
+
+def test_the_source_precision_is_kept(mllm_folder, mllm_loader, decoder_loader, tmp_path):
+    """OpenUni and the reference save bf16: the file keeps it (half the size of fp32), loading casts as asked."""
+    from safetensors import safe_open
+
+    mllm, decoder = mllm_loader(FAMILY), decoder_loader("sana")
+    ref = OpenUniHead(mllm.width, decoder.text_width).to(torch.bfloat16)
+    import_openuni(write_pth(tmp_path / "bf16.pth", ref), tmp_path / "bf16.safetensors", mllm=mllm_folder(FAMILY))
+    with safe_open(str(tmp_path / "bf16.safetensors"), framework="pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    _, head, _ = load_checkpoint(tmp_path / "bf16.safetensors", dtype=torch.float32)
+    assert head.queries.queries.dtype == torch.float32
+    assert torch.equal(head.queries.queries, ref.meta_queries.float())
