@@ -11,10 +11,13 @@ import torch
 
 from metaqueries_core.checkpoint import apply_decoder_state, check_compatible, load_checkpoint
 from metaqueries_core.decoders import DecoderAdapter, load_decoder
+from metaqueries_core.importers.openuni import load_openuni
 from metaqueries_core.mllm import MLLMAdapter, load_mllm
 
 from . import comfy_env
 from .common import CATEGORY, CHECKPOINT, DECODER, MLLM, MetaQueryCheckpoint, tip
+
+OPENUNI_SUFFIX = ".pth"  # OpenUni's released checkpoints, imported as they load
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +81,7 @@ class LoadCheckpoint:
     DESCRIPTION = (
         "Loads a MetaQuery checkpoint (.safetensors under models/metaqueries/): the learnable queries, the connector "
         "and, when the decoder was fine-tuned, its decoder weights (connect this to Load Diffusion Decoder to use them)."
+        " An OpenUni .pth there is imported as it loads (for InternVL3 in its -hf form)."
     )
     CATEGORY = f"{CATEGORY}/loaders"
     RETURN_TYPES = (CHECKPOINT,)
@@ -87,10 +91,13 @@ class LoadCheckpoint:
 
     @classmethod
     def INPUT_TYPES(cls):
-        files = comfy_env.list_files(comfy_env.CHECKPOINT_KEYS, ".safetensors")
+        files = [
+            n for s in (".safetensors", OPENUNI_SUFFIX) for n in comfy_env.list_files(comfy_env.CHECKPOINT_KEYS, s)
+        ]
+        what = "MetaQuery checkpoint (.safetensors) under models/metaqueries/, or an OpenUni .pth (imported on load)."
         return {
             "required": {
-                "checkpoint_name": (files, tip("MetaQuery checkpoint (.safetensors) under models/metaqueries/.")),
+                "checkpoint_name": (sorted(files), tip(what)),
                 **_placement_inputs("queries and connector"),
             }
         }
@@ -98,7 +105,11 @@ class LoadCheckpoint:
     def load(self, checkpoint_name: str, dtype: str, device: str) -> tuple[MetaQueryCheckpoint]:
         path = comfy_env.resolve(comfy_env.CHECKPOINT_KEYS, checkpoint_name, "MetaQuery checkpoint")
         torch_dtype, torch_device = _placement(dtype, device)
-        config, head, decoder_state = load_checkpoint(path, device=torch_device, dtype=torch_dtype)
+        if path.suffix == OPENUNI_SUFFIX:
+            config, head, decoder_state = load_openuni(path)
+            head = head.to(device=torch_device, dtype=torch_dtype)
+        else:
+            config, head, decoder_state = load_checkpoint(path, device=torch_device, dtype=torch_dtype)
         head.eval().requires_grad_(False)
         return (MetaQueryCheckpoint(checkpoint_name, path, config, head, decoder_state),)
 

@@ -18,6 +18,7 @@ input images (OpenUni's image-to-image path feeds the vision tower its own way).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sys
@@ -28,9 +29,11 @@ import torch
 
 from ..checkpoint import MetaQueryConfig, Stage
 from ..connector import ConnectorConfig
+from ..head import MetaQueryHead
 from ..mllm import read_model_type
-from .output import check_output, importer_parser, run_import, write_imported
+from .output import build_head, check_output, importer_parser, run_import, write_imported
 
+RELEASED_FAMILY = "internvl"  # the MLLM of every released OpenUni model (InternVL3-1B / 2B, -hf form)
 TEMPLATE = "<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n<img>"
 PROMPT = TEMPLATE.replace("{input}", "Generate an image: {caption}")
 EMPTY_PROMPT = TEMPLATE.replace("{input}", "Generate an image.")
@@ -122,6 +125,52 @@ def decoder_state(state: dict[str, torch.Tensor], text_width: int) -> dict[str, 
     return found
 
 
+def openuni_parts(
+    state: dict[str, torch.Tensor], *, family: str, width: int, heads: int | None, mllm_name: str, source: str
+) -> tuple[MetaQueryConfig, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(config, head state, fine-tuned Sana state (maybe empty)) of an OpenUni state dict, for an MLLM of this
+    family and width."""
+    queries = state["meta_queries"]  # (N, D)
+    if queries.ndim != 2 or queries.shape[1] != width:
+        raise ValueError(
+            f"the checkpoint's queries {tuple(queries.shape)} do not fit MLLM {mllm_name!r} of width {width}; "
+            "OpenUni-B was trained on InternVL3-1B (width 896), OpenUni-L on InternVL3-2B (width 1536)"
+        )
+    connector_tensors = connector_state(state)
+    connector = connector_config(connector_tensors, width, heads)
+    config = MetaQueryConfig(
+        mllm_family=family,
+        mllm_width=width,
+        num_queries=queries.shape[0],
+        connector=connector,
+        decoder_family="sana",
+        decoder_text_width=connector.out_width,
+        system_prompt=None,
+        max_prompt_tokens=2048,  # OpenUni does not cut text prompts
+        prompt_template=PROMPT,
+        empty_prompt=EMPTY_PROMPT,
+        mllm_name=mllm_name,
+        extra={"imported_from": "wusize/OpenUni", "source": source},
+    )
+    head_state = {"queries.queries": queries, **{f"connector.{k}": v for k, v in connector_tensors.items()}}
+    return config, head_state, decoder_state(state, connector.out_width)
+
+
+def load_openuni(
+    checkpoint: str | Path, *, heads: int | None = None
+) -> tuple[MetaQueryConfig, MetaQueryHead, dict[str, torch.Tensor]]:
+    """OpenUni's .pth read in memory, as `load_checkpoint` reads ours: (config, head, fine-tuned Sana state). Without
+    an MLLM folder to ask, the family is OpenUni's released one, InternVL3 ("internvl", transformers-native); the
+    queries give the width, and loading next to another MLLM is refused by `check_compatible`."""
+    checkpoint = Path(checkpoint)
+    state = read_state(checkpoint)
+    width = state["meta_queries"].shape[-1]
+    config, head_state, tuned = openuni_parts(
+        state, family=RELEASED_FAMILY, width=width, heads=heads, mllm_name="", source=checkpoint.name
+    )
+    return config, build_head(config, head_state), tuned
+
+
 def import_openuni(
     checkpoint: str | Path,
     out: str | Path,
@@ -142,34 +191,12 @@ def import_openuni(
     checkpoint, out, mllm = Path(checkpoint), Path(out), Path(mllm)
     check_output(out, overwrite)
     family, width = mllm_facts(mllm)
-    state = read_state(checkpoint)
-    queries = state["meta_queries"]  # (N, D)
-    if queries.ndim != 2 or queries.shape[1] != width:
-        raise ValueError(
-            f"the checkpoint's queries {tuple(queries.shape)} do not fit MLLM {mllm.name!r} of width {width}; "
-            "OpenUni-B was trained on InternVL3-1B (width 896), OpenUni-L on InternVL3-2B (width 1536)"
-        )
-    connector_tensors = connector_state(state)
-    connector = connector_config(connector_tensors, width, heads)
-    tuned = decoder_state(state, connector.out_width)
+    config, head_state, tuned = openuni_parts(
+        read_state(checkpoint), family=family, width=width, heads=heads, mllm_name=mllm.name, source=checkpoint.name
+    )
     if decoder == "include" and not tuned:
         raise ValueError(f"{str(checkpoint)!r} holds no fine-tuned Sana weights (transformer.*) to include")
-    config = MetaQueryConfig(
-        mllm_family=family,
-        mllm_width=width,
-        num_queries=queries.shape[0],
-        connector=connector,
-        decoder_family="sana",
-        decoder_text_width=connector.out_width,
-        stage=stage,
-        system_prompt=None,
-        max_prompt_tokens=2048,  # OpenUni does not cut text prompts
-        prompt_template=PROMPT,
-        empty_prompt=EMPTY_PROMPT,
-        mllm_name=mllm.name,
-        extra={"imported_from": "wusize/OpenUni", "source": checkpoint.name},
-    )
-    head_state = {"queries.queries": queries, **{f"connector.{k}": v for k, v in connector_tensors.items()}}
+    config = dataclasses.replace(config, stage=stage)
     write_imported(out, config, head_state, tuned if decoder != "skip" and tuned else None)
     return config
 

@@ -20,15 +20,10 @@ def check_output(out: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{str(out)!r} exists; choose another path or allow overwriting")
 
 
-def write_imported(
-    out: Path,
-    config: MetaQueryConfig,
-    head_state: dict[str, torch.Tensor],
-    decoder_state: dict[str, torch.Tensor] | None,
-) -> Path:
-    """`head_state`: the head's state dict (queries.queries, queries.lead, connector.*) in the source's dtype, which
-    the file keeps (the reference and OpenUni save bf16: converting would double the file and add nothing;
-    `load_checkpoint` casts to the dtype asked for)."""
+def build_head(config: MetaQueryConfig, head_state: dict[str, torch.Tensor]) -> MetaQueryHead:
+    """The head `config` describes holding `head_state` (queries.queries, queries.lead, connector.*) in the source's
+    dtype (the reference and OpenUni save bf16: converting would double the file and add nothing; `load_checkpoint`
+    casts to the dtype asked for). Strict: a missing or extra tensor is named."""
     with torch.device("meta"):
         head = MetaQueryHead(**config.head_settings())
     missing, unexpected = head.load_state_dict(head_state, strict=False, assign=True)
@@ -38,7 +33,16 @@ def write_imported(
             f"the imported tensors do not fit a {c.depth}-layer {c.layer_style!r} head: missing {missing[:4]}, "
             f"unexpected {unexpected[:4]}"
         )
-    return save_checkpoint(out, head, config, decoder_state)
+    return head
+
+
+def write_imported(
+    out: Path,
+    config: MetaQueryConfig,
+    head_state: dict[str, torch.Tensor],
+    decoder_state: dict[str, torch.Tensor] | None,
+) -> Path:
+    return save_checkpoint(out, build_head(config, head_state), config, decoder_state)
 
 
 def summary(out: str, config: MetaQueryConfig) -> str:

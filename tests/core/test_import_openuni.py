@@ -14,14 +14,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+from transformers import AutoModelForImageTextToText
 
 from metaqueries_core.checkpoint import check_compatible, load_checkpoint
-from metaqueries_core.importers.openuni import import_openuni, main
-from metaqueries_core.mllm import MLLM_ADAPTERS
+from metaqueries_core.importers.openuni import import_openuni, load_openuni, main
 from metaqueries_core.sampling import Guidance, generate
 
-FAMILY = "internvl" if "internvl" in MLLM_ADAPTERS else "qwen2"  # OpenUni's MLLM is InternVL3
+FAMILY = "internvl"  # OpenUni's MLLM is InternVL3
 INSTRUCTION = "<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -85,9 +84,7 @@ class OpenUniHead(nn.Module):
 
 
 def language_model(path):
-    if FAMILY == "internvl":
-        return AutoModelForImageTextToText.from_pretrained(path).model.language_model.eval()
-    return AutoModelForCausalLM.from_pretrained(path).model.eval()
+    return AutoModelForImageTextToText.from_pretrained(path).model.language_model.eval()
 
 
 def openuni_states(path, tokenizer, queries, prompts):
@@ -192,3 +189,22 @@ def test_the_source_precision_is_kept(mllm_folder, mllm_loader, decoder_loader, 
     _, head, _ = load_checkpoint(tmp_path / "bf16.safetensors", dtype=torch.float32)
     assert head.queries.queries.dtype == torch.float32
     assert torch.equal(head.queries.queries, ref.meta_queries.float())
+
+
+def test_loading_the_pth_in_memory_gives_the_imported_head(mllm_folder, mllm_loader, decoder_loader, tmp_path):
+    """What Load MetaQuery Checkpoint does with a .pth: the same head and prompt format as the import, family
+    InternVL (OpenUni's released MLLM), and another MLLM refused by check_compatible."""
+    mllm, decoder = mllm_loader(FAMILY), decoder_loader("sana")
+    ref = OpenUniHead(mllm.width, decoder.text_width).to(torch.bfloat16)
+    tuned = {f"transformer.{k}": v for k, v in decoder.denoiser.state_dict().items()}
+    pth = write_pth(tmp_path / "openuni.pth", ref, tuned)
+    import_openuni(pth, tmp_path / "imported.safetensors", mllm=mllm_folder(FAMILY))
+    imported, head, decoder_state = load_checkpoint(tmp_path / "imported.safetensors", dtype=torch.bfloat16)
+    config, in_memory, in_memory_decoder = load_openuni(pth)
+    assert config.mllm_family == "internvl" and config.head_settings() == imported.head_settings()
+    a, b = head.state_dict(), in_memory.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert decoder_state.keys() == in_memory_decoder.keys()
+    check_compatible(config, mllm=mllm, decoder=decoder)
+    with pytest.raises(ValueError, match="MLLM family: checkpoint 'internvl', loaded 'qwen2_5_vl'"):
+        check_compatible(config, mllm=mllm_loader("qwen2_5_vl"))

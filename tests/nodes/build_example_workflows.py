@@ -105,15 +105,16 @@ def text_to_image_sana() -> Graph:
 
 def text_to_image_openuni() -> Graph:
     note = (
-        "Text to image with an OpenUni checkpoint (InternVL3 + Sana), imported with\n"
-        "python -m metaqueries_core.importers.openuni CKPT.pth models/metaqueries/NAME.safetensors "
-        "--mllm models/LLM/InternVL3-1B-hf\n"
+        "Text to image with an OpenUni checkpoint (InternVL3 + Sana). Put OpenUni's .pth in models/metaqueries/: "
+        "Load MetaQuery Checkpoint imports it as it loads (or convert it once: python -m "
+        "metaqueries_core.importers.openuni CKPT.pth models/metaqueries/NAME.safetensors --mllm "
+        "models/LLM/InternVL3-1B-hf).\n"
         'Its prompt format comes with it ("Generate an image: ..."; an empty negative is OpenUni\'s unconditional '
         "prompt); it takes no input images.\n\n"
         + _MODELS.format(mllm=INTERNVL_NAME, checkpoint=OPENUNI_NAME)
         + _SANA
         + "\nThe names are tiny random stand-ins (`python tests/nodes/make_example_models.py ComfyUI/models`). With "
-        "the real ones (OpenUni-B-512: InternVL3-1B-hf, its imported checkpoint, Sana_600M_512px_diffusers) use "
+        "the real ones (OpenUni-B-512: InternVL3-1B-hf, its .pth, Sana_600M_512px_diffusers) use "
         "512 x 512, 20 steps, guidance 4.5 (OpenUni's own settings)."
     )
     return _text_to_image(note, mllm_name=INTERNVL_NAME, checkpoint=OPENUNI_NAME)

@@ -22,6 +22,7 @@ from make_example_models import (  # noqa: E402
     SD15_TEXT_WIDTH,
     write_checkpoint,
     write_example_inputs,
+    write_openuni_pth,
 )
 
 from nodes import comfy_env  # noqa: E402
@@ -79,8 +80,7 @@ def models_root(tmp_path_factory, mllm_folder, decoder_loader):
     with one_thread():
         for name, kw in checkpoints.items():
             write_checkpoint(root / "metaqueries" / name, **kw)
-        openuni = dict(mllm_family="internvl", mllm_width=64, decoder_family="sana", openuni=True)
-        write_checkpoint(root / "metaqueries" / OPENUNI_NAME, decoder_text_width=sana.text_width, **openuni)
+        write_openuni_pth(root / "metaqueries" / OPENUNI_NAME, mllm_width=64, text_width=sana.text_width)
         write_example_inputs(root.parent / f"{root.name}_input")
 
     assert not comfy_env.IN_COMFYUI  # the lookup falls back to $METAQUERIES_MODELS_DIR/<key folder>

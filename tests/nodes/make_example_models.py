@@ -7,8 +7,8 @@ Layout (ComfyUI's models folder):
     LLM/metaqueries-toy-internvl/                  tiny InternVL3 in its transformers-native form
     diffusers/metaqueries-toy-sana/                tiny Sana (diffusers folder)
     metaqueries/metaqueries-toy.safetensors        random MetaQuery head: that MLLM -> that Sana
-    metaqueries/metaqueries-toy-openuni.safetensors  random head in an imported OpenUni checkpoint's layout and
-                                                   prompt format: the InternVL -> that Sana
+    metaqueries/metaqueries-toy-openuni.pth        random head saved as OpenUni saves its models: the InternVL ->
+                                                   that Sana (Load MetaQuery Checkpoint imports it as it loads)
     checkpoints/metaqueries-toy-sd15.safetensors   SD1.5 single file for core CheckpointLoaderSimple
     metaqueries/metaqueries-toy-sd15.safetensors   random MetaQuery head: that MLLM -> 768-wide SD1.5 conditioning
     extra_model_paths.yaml                         registers LLM/ and metaqueries/ of this folder with ComfyUI
@@ -46,7 +46,7 @@ from metaqueries_core.toyworld import ToyWorld, all_text
 
 MLLM_NAME = "metaqueries-toy-qwen2_5_vl"
 INTERNVL_NAME = "metaqueries-toy-internvl"
-OPENUNI_NAME = "metaqueries-toy-openuni.safetensors"
+OPENUNI_NAME = "metaqueries-toy-openuni.pth"  # OpenUni's own format: Load MetaQuery imports it
 SANA_NAME = "metaqueries-toy-sana"
 CHECKPOINT_NAME = "metaqueries-toy.safetensors"
 SD15_NAME = "metaqueries-toy-sd15.safetensors"  # both the core checkpoint and the MetaQuery checkpoint for it
@@ -70,12 +70,9 @@ def write_checkpoint(
     seed: int = 0,
     mllm_name: str = "",
     decoder_name: str = "",
-    openuni: bool = False,
 ) -> Path:
     """A randomly initialised MetaQuery head for an MLLM of this family and width and a decoder of this family and
-    text width; `openuni`: in the layout and prompt format the OpenUni importer writes."""
-    layout = dict(layer_style="siglip", pos_embed="none", qk_norm=False, final_norm=False, projection="linear")
-    prompt = dict(system_prompt=None, prompt_template=openuni_format.PROMPT, empty_prompt=openuni_format.EMPTY_PROMPT)
+    text width."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         connector = ConnectorConfig(
@@ -84,9 +81,8 @@ def write_checkpoint(
             depth=depth,
             init_std=0.05,
             out_norm_scale=SANA_OUT_NORM_SCALE if decoder_family == "sana" else 1.0,
-            **(layout if openuni else {}),
         )
-        head = MetaQueryHead(num_queries=num_queries, connector=connector, **(prompt if openuni else {}))
+        head = MetaQueryHead(num_queries=num_queries, connector=connector)
     config = MetaQueryConfig(
         mllm_family=mllm_family,
         mllm_width=mllm_width,
@@ -97,6 +93,24 @@ def write_checkpoint(
         **head.settings(),
     )
     return save_checkpoint(path, head, config)
+
+
+def write_openuni_pth(path: Path, *, mllm_width: int, text_width: int, num_queries: int = 8, seed: int = 0) -> Path:
+    """A random head saved as OpenUni saves its model (`meta_queries`, `connector.layers.*`, `projector`, bf16), for
+    Load MetaQuery Checkpoint to import as it loads."""
+    layout = dict(layer_style="siglip", pos_embed="none", qk_norm=False, final_norm=False, projection="linear")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        connector = ConnectorConfig(in_width=mllm_width, out_width=text_width, depth=1, init_std=0.05, **layout)
+        head = MetaQueryHead(num_queries=num_queries, connector=connector)
+    state = {"meta_queries": head.queries.queries}
+    for key, tensor in head.connector.state_dict().items():
+        for theirs, ours in openuni_format.LAYER_RENAMES:
+            key = key.replace(ours, theirs)
+        state[key.replace("proj.", "projector.") if key.startswith("proj.") else f"connector.{key}"] = tensor
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.detach().to(torch.bfloat16) for k, v in state.items()}, path)
+    return path
 
 
 def write_core_sd15_checkpoint(path: Path, *, seed: int = 0) -> Path:
@@ -182,18 +196,8 @@ def write_example_models(models_dir: Path, *, sd15: bool = True) -> list[Path]:
         )
     internvl_dir = write_tiny_mllm("internvl", models_dir / "LLM" / INTERNVL_NAME, texts=all_text())
     written.append(internvl_dir)
-    written.append(
-        write_checkpoint(
-            models_dir / "metaqueries" / OPENUNI_NAME,
-            mllm_family="internvl",
-            mllm_width=load_mllm(internvl_dir).width,
-            decoder_family="sana",
-            decoder_text_width=sana.text_width,
-            mllm_name=INTERNVL_NAME,
-            decoder_name=SANA_NAME,
-            openuni=True,
-        )
-    )
+    openuni = models_dir / "metaqueries" / OPENUNI_NAME
+    written.append(write_openuni_pth(openuni, mllm_width=load_mllm(internvl_dir).width, text_width=sana.text_width))
     written.append(write_extra_model_paths(models_dir))
     return written
 

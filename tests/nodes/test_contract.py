@@ -70,7 +70,8 @@ def test_loaders_list_the_models_folders(models_root):
     assert mllms == sorted(
         ["metaqueries-toy-qwen2_5_vl", "metaqueries-toy-internvl", NESTED_MLLM]
     )  # LLM + text_encoders
-    assert "metaqueries-toy.safetensors" in checkpoints and all(c.endswith(".safetensors") for c in checkpoints)
+    assert "metaqueries-toy.safetensors" in checkpoints and "metaqueries-toy-openuni.pth" in checkpoints
+    assert all(c.endswith((".safetensors", ".pth")) for c in checkpoints)  # .pth: OpenUni's, imported on load
     assert decoders == sorted(["metaqueries-toy-sana", SD15_TINY])
 
 
