@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 import re
 import sys
 from pathlib import Path
@@ -47,7 +48,7 @@ def read_state(path: Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"OpenUni checkpoint {str(path)!r} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, EOFError, ValueError) as e:
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
         raise ValueError(f"{str(path)!r} is not a readable weights-only torch file: {e}") from e
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]

@@ -208,3 +208,23 @@ def test_loading_the_pth_in_memory_gives_the_imported_head(mllm_folder, mllm_loa
     check_compatible(config, mllm=mllm, decoder=decoder)
     with pytest.raises(ValueError, match="MLLM family: checkpoint 'internvl', loaded 'qwen2_5_vl'"):
         check_compatible(config, mllm=mllm_loader("qwen2_5_vl"))
+
+
+class _Payload:
+    """Unpickling this would run code: it writes the file named."""
+
+    def __init__(self, path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_pickle_that_would_run_code_is_refused_unrun(mllm_folder, tmp_path):
+    marker = tmp_path / "ran"
+    torch.save({"meta_queries": torch.zeros(8, 64), "x": _Payload(marker)}, tmp_path / "evil.pth")
+    with pytest.raises(ValueError, match="not a readable weights-only torch file"):
+        import_openuni(tmp_path / "evil.pth", tmp_path / "x.safetensors", mllm=mllm_folder(FAMILY))
+    with pytest.raises(ValueError, match="not a readable weights-only torch file"):
+        load_openuni(tmp_path / "evil.pth")
+    assert not marker.exists()
