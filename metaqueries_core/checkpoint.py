@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .connector import ConnectorConfig
-from .head import MetaQueryHead
+from .head import HEAD_KEYS, MetaQueryHead
 
 FORMAT_VERSION = 2
 METADATA_KEY = "metaqueries_config"
@@ -65,16 +65,7 @@ class MetaQueryConfig:
 
     def head_settings(self) -> dict:
         """`MetaQueryHead(**config.head_settings())`: the head this checkpoint holds, untrained."""
-        return {
-            "num_queries": self.num_queries,
-            "connector": self.connector,
-            "system_prompt": self.system_prompt,
-            "max_prompt_tokens": self.max_prompt_tokens,
-            "prompt_suffix": self.prompt_suffix,
-            "prompt_template": self.prompt_template,
-            "empty_prompt": self.empty_prompt,
-            "lead_slots": self.lead_slots,
-        }
+        return {key: getattr(self, key) for key in HEAD_KEYS}
 
 
 def save_checkpoint(
@@ -130,8 +121,6 @@ def load_checkpoint(
 ) -> tuple[MetaQueryConfig, MetaQueryHead, dict[str, torch.Tensor]]:
     """-> (config, head with weights loaded, decoder state dict (empty when the decoder was frozen))."""
     config = read_config(path)
-    with torch.device("meta"):
-        head = MetaQueryHead(**config.head_settings())
     state, decoder_state = {}, {}
     with safe_open(str(path), framework="pt", device=str(device)) as f:
         for key in f.keys():
@@ -140,9 +129,10 @@ def load_checkpoint(
                 decoder_state[key[len("decoder.") :]] = tensor
             else:
                 state["queries.queries" if key == "queries" else key] = tensor.to(dtype)
-    missing, unexpected = head.load_state_dict(state, strict=False, assign=True)
-    if missing or unexpected:
-        raise ValueError(f"{str(path)!r} does not match its own config: missing {missing}, unexpected {unexpected}")
+    try:
+        head = MetaQueryHead.from_state(config.head_settings(), state)
+    except ValueError as e:
+        raise ValueError(f"{str(path)!r} does not match its own config: {e}") from e
     return config, head.to(device), decoder_state
 
 

@@ -10,6 +10,19 @@ from .connector import Connector, ConnectorConfig
 from .mllm import DEFAULT_SYSTEM_PROMPT, MLLMAdapter, PromptBatch, PromptLayout
 from .queries import MetaQueries
 
+# MetaQueryHead's constructor arguments, which `settings()` returns: what a checkpoint config (and a training config)
+# holds to rebuild the head
+HEAD_KEYS = (
+    "num_queries",
+    "connector",
+    "system_prompt",
+    "max_prompt_tokens",
+    "prompt_suffix",
+    "prompt_template",
+    "empty_prompt",
+    "lead_slots",
+)
+
 
 class MetaQueryHead(nn.Module):
     """Everything that trains on the MLLM side: N queries of the MLLM's width and the connector."""
@@ -56,6 +69,17 @@ class MetaQueryHead(nn.Module):
             "empty_prompt": self.layout.empty,
             "lead_slots": self.queries.lead_slots,
         }
+
+    @classmethod
+    def from_state(cls, settings: dict, state: dict[str, torch.Tensor]) -> MetaQueryHead:
+        """The head `settings` describe holding `state` (its state dict, used as it is): built on the meta device and
+        assigned, so no random initialisation is computed to be thrown away. Raises naming the keys that do not fit."""
+        with torch.device("meta"):
+            head = cls(**settings)
+        missing, unexpected = head.load_state_dict(state, strict=False, assign=True)
+        if missing or unexpected:
+            raise ValueError(f"missing {missing}, unexpected {unexpected}")
+        return head
 
     def prepare(
         self, mllm: MLLMAdapter, prompts: list[str], images: list[list[Image.Image]] | None = None

@@ -13,7 +13,7 @@ from metaqueries_core.checkpoint import MetaQueryConfig, apply_decoder_state, ch
 from metaqueries_core.connector import ConnectorConfig
 from metaqueries_core.decoders import DecoderAdapter, load_decoder
 from metaqueries_core.decoders.sana import SanaAdapter
-from metaqueries_core.head import MetaQueryHead
+from metaqueries_core.head import HEAD_KEYS, MetaQueryHead
 from metaqueries_core.mllm import MLLMAdapter, load_mllm
 
 from .config import ModelSection
@@ -72,16 +72,7 @@ def build_head(cfg: ModelSection, mllm: MLLMAdapter, decoder: DecoderAdapter) ->
             apply_decoder_state(decoder, decoder_state)  # strict; names the keys that do not fit
         log.info("initialised from %s (stage %s)", cfg.init_checkpoint, config.stage)
         return head.to(mllm.device)
-    head = MetaQueryHead(
-        num_queries=cfg.num_queries,
-        connector=connector,
-        system_prompt=cfg.system_prompt,
-        max_prompt_tokens=cfg.max_prompt_tokens,
-        prompt_suffix=cfg.prompt_suffix,
-        prompt_template=cfg.prompt_template,
-        empty_prompt=cfg.empty_prompt,
-        lead_slots=cfg.lead_slots,
-    )
+    head = MetaQueryHead(connector=connector, **{key: getattr(cfg, key) for key in HEAD_KEYS if key != "connector"})
     if cfg.queries_init_text is not None:
         init_queries_from_text(head, mllm, cfg.queries_init_text)
     return head.to(mllm.device)
@@ -118,13 +109,7 @@ def head_differences(cfg: ModelSection, connector: ConnectorConfig, loaded: Meta
     the trained weights replace what they set. Widths and head counts compare as resolved (null = the default)."""
     theirs = loaded.connector
     pairs = {
-        "model.num_queries": (cfg.num_queries, loaded.num_queries),
-        "model.system_prompt": (cfg.system_prompt, loaded.system_prompt),
-        "model.max_prompt_tokens": (cfg.max_prompt_tokens, loaded.max_prompt_tokens),
-        "model.prompt_suffix": (cfg.prompt_suffix, loaded.prompt_suffix),
-        "model.prompt_template": (cfg.prompt_template, loaded.prompt_template),
-        "model.empty_prompt": (cfg.empty_prompt, loaded.empty_prompt),
-        "model.lead_slots": (cfg.lead_slots, loaded.lead_slots),
+        **{f"model.{key}": (getattr(cfg, key), getattr(loaded, key)) for key in HEAD_KEYS if key != "connector"},
         "model.connector.width": (connector.inner_width, theirs.inner_width),
         "model.connector.heads": (connector.num_heads, theirs.num_heads),
         "model.connector.slot_embed": (connector.num_slots > 0, theirs.num_slots > 0),

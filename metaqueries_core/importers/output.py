@@ -24,16 +24,11 @@ def build_head(config: MetaQueryConfig, head_state: dict[str, torch.Tensor]) -> 
     """The head `config` describes holding `head_state` (queries.queries, queries.lead, connector.*) in the source's
     dtype (the reference and OpenUni save bf16: converting would double the file and add nothing; `load_checkpoint`
     casts to the dtype asked for). Strict: a missing or extra tensor is named."""
-    with torch.device("meta"):
-        head = MetaQueryHead(**config.head_settings())
-    missing, unexpected = head.load_state_dict(head_state, strict=False, assign=True)
-    if missing or unexpected:
+    try:
+        return MetaQueryHead.from_state(config.head_settings(), head_state)
+    except ValueError as e:
         c = config.connector
-        raise ValueError(
-            f"the imported tensors do not fit a {c.depth}-layer {c.layer_style!r} head: missing {missing[:4]}, "
-            f"unexpected {unexpected[:4]}"
-        )
-    return head
+        raise ValueError(f"the imported tensors do not fit a {c.depth}-layer {c.layer_style!r} head: {e}") from e
 
 
 def write_imported(

@@ -163,3 +163,25 @@ def test_bad_prompt_layout_is_named(layout, message):
 
     with pytest.raises(ValueError, match=message):
         PromptLayout(**layout)
+
+
+def test_head_keys_are_the_heads_constructor_arguments(saved):
+    """HEAD_KEYS is the one list a checkpoint config and a training config rebuild the head from."""
+    import inspect
+
+    from metaqueries_core.head import HEAD_KEYS, MetaQueryHead
+
+    _, head, config = saved
+    assert tuple(inspect.signature(MetaQueryHead.__init__).parameters)[1:] == HEAD_KEYS
+    assert tuple(head.settings()) == HEAD_KEYS and tuple(config.head_settings()) == HEAD_KEYS
+
+
+def test_a_file_whose_tensors_do_not_fit_its_config_is_named(saved, tmp_path):
+    path, _, _ = saved
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k != "queries"}
+        metadata = f.metadata()
+    tensors["connector.extra"] = torch.zeros(1)
+    save_file(tensors, str(tmp_path / "odd.safetensors"), metadata=metadata)
+    with pytest.raises(ValueError, match=r"does not match its own config: missing \['queries.queries'\], unexpected"):
+        ckpt.load_checkpoint(tmp_path / "odd.safetensors")
