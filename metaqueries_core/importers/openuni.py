@@ -24,7 +24,6 @@ import pickle
 import re
 import sys
 from pathlib import Path
-from typing import Literal
 
 import torch
 
@@ -32,14 +31,13 @@ from ..checkpoint import MetaQueryConfig, Stage
 from ..connector import ConnectorConfig
 from ..head import MetaQueryHead
 from ..mllm import read_model_type
-from .output import build_head, check_output, importer_parser, run_import, write_imported
+from .output import DecoderChoice, build_head, check_request, importer_parser, run_import, write_imported
 
 RELEASED_FAMILY = "internvl"  # the MLLM of every released OpenUni model (InternVL3-1B / 2B, -hf form)
 TEMPLATE = "<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n<img>"
 PROMPT = TEMPLATE.replace("{input}", "Generate an image: {caption}")
 EMPTY_PROMPT = TEMPLATE.replace("{input}", "Generate an image.")
 LAYER_RENAMES = ((".self_attn.out_proj.", ".attn.o_proj."), (".self_attn.", ".attn."), (".layer_norm", ".norm"))
-DecoderChoice = Literal["auto", "include", "skip"]
 
 
 def read_state(path: Path) -> dict[str, torch.Tensor]:
@@ -187,10 +185,8 @@ def import_openuni(
     decoder: "auto" / "include" take the fine-tuned Sana weights the checkpoint holds ("include" insists on them),
     "skip" leaves them out.
     """
-    if decoder not in ("auto", "include", "skip"):
-        raise ValueError(f"decoder {decoder!r} not in ['auto', 'include', 'skip']")
     checkpoint, out, mllm = Path(checkpoint), Path(out), Path(mllm)
-    check_output(out, overwrite)
+    check_request(out, overwrite, decoder)
     family, width = mllm_facts(mllm)
     config, head_state, tuned = openuni_parts(
         read_state(checkpoint), family=family, width=width, heads=heads, mllm_name=mllm.name, source=checkpoint.name

@@ -7,6 +7,7 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors import safe_open
@@ -14,8 +15,15 @@ from safetensors import safe_open
 from ..checkpoint import MetaQueryConfig, save_checkpoint
 from ..head import MetaQueryHead
 
+DECODER_CHOICES = ("auto", "include", "skip")  # an importer's `decoder`: the fine-tuned decoder's weights
+DecoderChoice = Literal["auto", "include", "skip"]
 
-def check_output(out: Path, overwrite: bool) -> None:
+
+def check_request(out: Path, overwrite: bool, decoder: str) -> None:
+    """What an importer checks before reading anything: a known `decoder` choice, and no file at `out` unless
+    overwriting was asked for."""
+    if decoder not in DECODER_CHOICES:
+        raise ValueError(f"decoder {decoder!r} not in {list(DECODER_CHOICES)}")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{str(out)!r} exists; choose another path or allow overwriting")
 
@@ -63,7 +71,7 @@ def importer_parser(prog: str, description: str, source_help: str) -> argparse.A
     parser.add_argument("out", help="the .safetensors file to write (e.g. ComfyUI/models/metaqueries/x.safetensors)")
     parser.add_argument(
         "--decoder",
-        choices=["auto", "include", "skip"],
+        choices=DECODER_CHOICES,
         default="auto",
         help="fine-tuned decoder weights: auto = when the source trained them (default); include / skip",
     )

@@ -20,13 +20,12 @@ import math
 import re
 import sys
 from pathlib import Path
-from typing import Literal
 
 import torch
 
 from ..checkpoint import MetaQueryConfig, Stage
 from ..connector import ConnectorConfig
-from .output import check_output, importer_parser, run_import, write_imported
+from .output import DecoderChoice, check_request, importer_parser, run_import, write_imported
 from .weights import WeightsFolder
 
 log = logging.getLogger(__name__)
@@ -40,7 +39,6 @@ LAYER_RENAMES = (
     (".post_attention_layernorm.", ".norm2."),
     ("_norm.gamma", "_norm.weight"),
 )
-DecoderChoice = Literal["auto", "include", "skip"]
 
 
 def read_trainer_config(folder: Path) -> dict:
@@ -185,10 +183,8 @@ def import_reference(
 
     decoder: "auto" takes the denoiser's weights when the reference trained them, "include" / "skip" always / never.
     """
-    if decoder not in ("auto", "include", "skip"):
-        raise ValueError(f"decoder {decoder!r} not in ['auto', 'include', 'skip']")
     folder, out = Path(folder), Path(out)
-    check_output(out, overwrite)
+    check_request(out, overwrite, decoder)
     trainer_config = read_trainer_config(folder)
     weights = WeightsFolder(folder)
     num_queries = int(trainer_config["num_metaqueries"])
