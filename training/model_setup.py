@@ -133,7 +133,7 @@ def head_differences(cfg: ModelSection, connector: ConnectorConfig, loaded: Meta
 @torch.no_grad()
 def init_queries_from_text(head: MetaQueryHead, mllm: MLLMAdapter, text: str) -> None:
     """Set the queries to the MLLM's input embeddings of `text`'s tokens, repeated to the number of queries."""
-    ids = mllm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = mllm.caption_ids(text)
     if not ids:
         raise ValueError(f"model.queries_init_text {text!r} has no tokens; give a non-empty text or null")
     ids = (ids * head.num_queries)[: head.num_queries]

@@ -57,6 +57,9 @@ class Default(enum.Enum):
 
 DEFAULT = Default.TOKEN
 
+# Where the caption goes in a rendered prompt until it is tokenised (a private-use character no template writes).
+CAPTION_MARK = "\ue000"
+
 
 @dataclass
 class PromptBatch:
@@ -164,8 +167,30 @@ class MLLMAdapter(ABC):
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, L)
 
     # ---- prompt building ------------------------------------------------------------------------------------
+    def caption_ids(self, caption: str) -> list[int]:
+        """Token ids of user text, read as plain text: typed "<image>" or "<|im_end|>" never becomes the special
+        token (a placeholder without an image behind it, or a turn the user did not mean to end)."""
+        return self.tokenizer(caption, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    def prompt_ids(self, text: str, caption: str) -> list[int]:
+        """Token ids of a rendered prompt `text` whose CAPTION_MARK stands for `caption`: the template's own text
+        with its special tokens, the caption as plain text.
+
+        An ordinary caption is tokenised inside the whole prompt, as the reference trainer and OpenUni do (a
+        tokenizer may merge the whitespace on either side of it); one that holds special-token text is tokenised on
+        its own, so that text stays text."""
+        as_text = self.caption_ids(caption)
+        before, after = text.split(CAPTION_MARK)  # exactly one mark: `render` / `PromptLayout.fill` put it there
+        if as_text == self.tokenizer(caption, add_special_tokens=False)["input_ids"]:
+            return self.tokenizer(before + caption + after, add_special_tokens=False)["input_ids"]
+        return (
+            self.tokenizer(before, add_special_tokens=False)["input_ids"]
+            + as_text
+            + self.tokenizer(after, add_special_tokens=False)["input_ids"]
+        )
+
     def truncate_caption(self, caption: str, max_tokens: int) -> str:
-        ids = self.tokenizer(caption, add_special_tokens=False)["input_ids"]
+        ids = self.caption_ids(caption)
         if len(ids) <= max_tokens:
             return caption
         log.warning("prompt of %d tokens truncated to %d: %r", len(ids), max_tokens, caption[:80])
@@ -228,9 +253,9 @@ class MLLMAdapter(ABC):
         for caption, sample_images in zip(prompts, images):
             caption = self.truncate_caption(caption, max_tokens)
             if layout.template:
-                rows.append(self.tokenizer(layout.fill(caption), add_special_tokens=False)["input_ids"])
+                rows.append(self.prompt_ids(*layout.fill(caption, CAPTION_MARK)))
                 continue
-            text = self.render(caption, len(sample_images), system_prompt) + layout.suffix
+            text = self.render(CAPTION_MARK, len(sample_images), system_prompt) + layout.suffix
             if sample_images:
                 parts = text.split(self.image_token)
                 if len(parts) != len(sample_images) + 1:
@@ -238,7 +263,7 @@ class MLLMAdapter(ABC):
                         f"the chat template wrote {len(parts) - 1} image placeholders for {len(sample_images)} images"
                     )
                 text = parts[0] + "".join(self.expand_image(next(counts)) + p for p in parts[1:])
-            rows.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            rows.append(self.prompt_ids(text, caption))
         return rows, feats, extra
 
     def embed(self, input_ids: torch.Tensor, feats: list[torch.Tensor]) -> torch.Tensor:

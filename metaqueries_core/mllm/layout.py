@@ -21,12 +21,12 @@ class PromptLayout:
         if self.empty is not None and not self.template:
             raise ValueError("an empty-caption prompt needs a prompt template")
 
-    def fill(self, caption: str) -> str:
-        """The templated prompt of one caption."""
+    def fill(self, caption: str, mark: str) -> tuple[str, str]:
+        """The templated prompt of one caption, with `mark` where the caption goes, and the caption to put there."""
         caption = caption.strip()
         if not caption and self.empty is not None:
-            return self.empty
-        return self.template.replace("{caption}", caption)
+            return self.empty + mark, ""
+        return self.template.replace("{caption}", mark), caption
 
 
 PLAIN = PromptLayout()  # the family's chat template as it is

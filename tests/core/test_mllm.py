@@ -99,6 +99,36 @@ def test_mllm_is_frozen_and_unchanged_by_backward(mllm_loader, family):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.parametrize("family", MLLM_FAMILIES)
+def test_special_token_text_in_a_caption_is_read_as_plain_text(mllm_loader, family):
+    mllm = mllm_loader(family)
+    typed = "put the " + " and the ".join(t for t in (mllm.image_token, "<|im_end|>", "<|im_start|>") if t) + " here"
+    images = [[red()]] if family in VISION_FAMILIES else None
+    (row,), feats, _ = mllm.tokenize([typed], images)
+    (plain,), _, _ = mllm.tokenize(["put the cup here"], images)
+    special = set(mllm.tokenizer.all_special_ids) | ({mllm.image_token_id} if mllm.image_token else set())
+    # the typed text adds no special token (no image placeholder without an image, no turn marker)
+    assert sorted(i for i in row if i in special) == sorted(i for i in plain if i in special)
+    assert typed in mllm.tokenizer.decode(row)  # and it is all there, as text
+    if images:
+        assert sum(i == mllm.image_token_id for i in row) == feats[0].shape[0]  # one image, its features' tokens
+    q = torch.randn(N, mllm.width)
+    with torch.no_grad():
+        assert mllm.encode([typed, "x"], None if images is None else [[], [red()]], q).isfinite().all()
+
+
+@pytest.mark.parametrize("family", MLLM_FAMILIES)
+def test_plain_captions_tokenise_as_the_whole_rendered_prompt(mllm_loader, family):
+    """The caption is tokenised on its own (so it stays plain text); for ordinary captions that must give exactly
+    the ids of tokenising the whole rendered prompt, as the reference trainer and OpenUni do."""
+    mllm = mllm_loader(family)
+    captions = ["a red circle on the left", "Make the square blue!", "two  cats, 3 dogs; é ü 猫", " leading space", ""]
+    rows, _, _ = mllm.tokenize(captions)
+    for caption, row in zip(captions, rows):
+        text = mllm.render(caption, 0, mllm.system_prompt)
+        assert row == mllm.tokenizer(text, add_special_tokens=False)["input_ids"], caption
+
+
 def test_long_caption_is_truncated_with_warning(mllm_loader, caplog):
     mllm = mllm_loader("qwen2")
     long = "a red circle on the left " * 100
