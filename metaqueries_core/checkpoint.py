@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from .connector import ConnectorConfig
 from .head import HEAD_KEYS, MetaQueryHead
+from .state_fit import misfit
 
 FORMAT_VERSION = 2
 METADATA_KEY = "metaqueries_config"
@@ -50,22 +51,42 @@ class MetaQueryConfig:
 
     @classmethod
     def from_json(cls, text: str) -> MetaQueryConfig:
-        data = json.loads(text)
-        allowed = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - allowed)
-        if unknown:
-            raise ValueError(f"checkpoint config has unknown keys {unknown}; known: {sorted(allowed)}")
-        if data.get("format_version", 0) > FORMAT_VERSION:
+        """The config a checkpoint's metadata holds; ValueError naming what is wrong (a newer format first: its new
+        keys are not typos)."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"checkpoint config is not valid JSON ({e})") from e
+        if not isinstance(data, dict):
+            raise ValueError(f"checkpoint config is a JSON {type(data).__name__}, not an object")
+        version = data.get("format_version", 0)
+        if not isinstance(version, int):
+            raise ValueError(f"checkpoint format_version must be an integer, got {version!r}")
+        if version > FORMAT_VERSION:
             raise ValueError(
-                f"checkpoint format version {data['format_version']} is newer than this code's {FORMAT_VERSION}; "
+                f"checkpoint format version {version!r} is newer than this code's {FORMAT_VERSION}; "
                 "update ComfyUI-MetaQueries"
             )
-        data["connector"] = ConnectorConfig(**data["connector"])
-        return cls(**data)
+        data = {**data, "connector": ConnectorConfig(**_known_keys(ConnectorConfig, data.get("connector")))}
+        return cls(**_known_keys(cls, data))
 
     def head_settings(self) -> dict:
         """`MetaQueryHead(**config.head_settings())`: the head this checkpoint holds, untrained."""
         return {key: getattr(self, key) for key in HEAD_KEYS}
+
+
+def _known_keys(cls: type, data: Any) -> dict:
+    """`data` checked against dataclass `cls`: an object holding every required field and no unknown one."""
+    what = "checkpoint config" if cls is MetaQueryConfig else f"checkpoint config's {cls.__name__}"
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} is missing or not an object: {data!r}")
+    allowed = {f.name for f in fields(cls)}
+    if unknown := sorted(set(data) - allowed):
+        raise ValueError(f"{what} has unknown keys {unknown}; known: {sorted(allowed)}")
+    required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+    if missing := [k for k in required if k not in data]:
+        raise ValueError(f"{what} lacks the required keys {missing}")
+    return data
 
 
 def save_checkpoint(
@@ -113,7 +134,10 @@ def read_config(path: str | Path) -> MetaQueryConfig:
         ) from e
     if METADATA_KEY not in metadata:
         raise ValueError(f"{str(path)!r} is not a MetaQuery checkpoint: its metadata has no {METADATA_KEY!r}")
-    return MetaQueryConfig.from_json(metadata[METADATA_KEY])
+    try:
+        return MetaQueryConfig.from_json(metadata[METADATA_KEY])
+    except ValueError as e:
+        raise ValueError(f"{str(path)!r}: {e}") from e
 
 
 def load_checkpoint(
@@ -158,13 +182,10 @@ def check_compatible(config: MetaQueryConfig, *, mllm: Any | None = None, decode
 
 def apply_decoder_state(decoder: Any, state: dict[str, torch.Tensor]) -> None:
     """Load a checkpoint's `decoder.*` weights (keys of the denoiser's state dict) into the decoder's denoiser, naming
-    any key that does not fit."""
-    missing, unexpected = decoder.denoiser.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"the checkpoint's decoder weights do not fit this {decoder.family} denoiser: "
-            f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
-        )
+    what does not fit; on a misfit the denoiser is left as it was."""
+    if problems := misfit(decoder.denoiser, state):
+        raise ValueError(f"the checkpoint's decoder weights do not fit this {decoder.family} denoiser: {problems}")
+    decoder.denoiser.load_state_dict(state)
 
 
 def config_for(head: MetaQueryHead, *, mllm: Any, decoder: Any, stage: Stage = "pretrain") -> MetaQueryConfig:

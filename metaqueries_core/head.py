@@ -9,6 +9,7 @@ from torch import nn
 from .connector import Connector, ConnectorConfig
 from .mllm import DEFAULT_SYSTEM_PROMPT, MLLMAdapter, PromptBatch, PromptLayout
 from .queries import MetaQueries
+from .state_fit import misfit
 
 # MetaQueryHead's constructor arguments, which `settings()` returns: what a checkpoint config (and a training config)
 # holds to rebuild the head
@@ -76,9 +77,9 @@ class MetaQueryHead(nn.Module):
         assigned, so no random initialisation is computed to be thrown away. Raises naming the keys that do not fit."""
         with torch.device("meta"):
             head = cls(**settings)
-        missing, unexpected = head.load_state_dict(state, strict=False, assign=True)
-        if missing or unexpected:
-            raise ValueError(f"missing {missing}, unexpected {unexpected}")
+        if problems := misfit(head, state):
+            raise ValueError(problems)
+        head.load_state_dict(state, assign=True)
         return head
 
     def prepare(

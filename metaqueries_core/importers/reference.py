@@ -100,6 +100,11 @@ def connector_config(state: dict[str, torch.Tensor], mllm_width: int, decoder_fa
     if width != mllm_width:
         raise ValueError(f"the connector reads width {width} but the MLLM's embeddings have width {mllm_width}")
     depth = len({int(m.group(1)) for k in state if (m := re.match(r"layers\.(\d+)\.", k))})
+    if depth and "layers.0.attn.q_norm.weight" not in state:
+        raise ValueError(
+            f"the checkpoint has no {CONNECTOR}0.layers.0.self_attn.q_norm.gamma, the per-head qk-norm every "
+            "reference connector layer has (its shape gives the head count)"
+        )
     heads = state["layers.0.attn.q_norm.weight"].shape[0] if depth else None  # (H, 1, d)
     return ConnectorConfig(
         in_width=mllm_width,

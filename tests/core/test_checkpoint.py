@@ -183,5 +183,51 @@ def test_a_file_whose_tensors_do_not_fit_its_config_is_named(saved, tmp_path):
         metadata = f.metadata()
     tensors["connector.extra"] = torch.zeros(1)
     save_file(tensors, str(tmp_path / "odd.safetensors"), metadata=metadata)
-    with pytest.raises(ValueError, match=r"does not match its own config: missing \['queries.queries'\], unexpected"):
+    with pytest.raises(ValueError, match=r"does not match its own config: 1 missing \[.queries.queries.\]; 1 unexpected"):
         ckpt.load_checkpoint(tmp_path / "odd.safetensors")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda d: "{not json", r"not valid JSON"),
+        (lambda d: {k: v for k, v in d.items() if k != "mllm_width"}, r"lacks the required keys \['mllm_width'\]"),
+        (lambda d: {k: v for k, v in d.items() if k != "connector"}, r"ConnectorConfig is missing or not an object"),
+        (lambda d: {**d, "connector": {**d["connector"], "typo": 1}}, r"ConnectorConfig has unknown keys \['typo'\]"),
+        (lambda d: {**d, "format_version": 3, "new_field": 1}, r"format version 3 is newer than this code's 2"),
+        (lambda d: {**d, "format_version": "2"}, r"format_version must be an integer, got '2'"),
+    ],
+)
+def test_damaged_metadata_is_named_with_the_file(saved, tmp_path, change, message):
+    path, _, _ = saved
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        data = json.loads(f.metadata()[ckpt.METADATA_KEY])
+    changed = change(data)
+    bad = tmp_path / "bad.safetensors"
+    text = changed if isinstance(changed, str) else json.dumps(changed)
+    save_file(tensors, str(bad), metadata={ckpt.METADATA_KEY: text, "format": "pt"})
+    with pytest.raises(ValueError, match=rf"^'{bad}': .*{message}"):
+        ckpt.load_checkpoint(bad)
+
+
+def test_wrong_shaped_tensors_are_named_and_change_nothing(saved, tmp_path, decoder_loader):
+    path, head, _ = saved
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = f.metadata()
+    key = next(k for k in tensors if k.startswith("connector.") and tensors[k].ndim == 2)
+    tensors[key] = torch.zeros(tensors[key].shape[0] + 1, tensors[key].shape[1])
+    save_file(tensors, str(tmp_path / "shape.safetensors"), metadata=metadata)
+    with pytest.raises(ValueError, match=rf"shape.safetensors' does not match its own config: 1 of the wrong shape"):
+        ckpt.load_checkpoint(tmp_path / "shape.safetensors")
+    decoder = decoder_loader("sana")
+    before = {k: v.clone() for k, v in decoder.denoiser.state_dict().items()}
+    state = dict(before)
+    first, last = next(iter(state)), list(state)[-1]
+    state[first] = torch.ones_like(state[first])  # would change the denoiser if anything were copied
+    state[last] = torch.zeros(*state[last].shape, 2)
+    with pytest.raises(ValueError, match=rf"do not fit this sana denoiser: 1 of the wrong shape \['{last}"):
+        ckpt.apply_decoder_state(decoder, state)
+    after = decoder.denoiser.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)

@@ -10,13 +10,14 @@ added vocabulary rows after "\\n<begin_of_img>"), independently of this pack's c
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import SanaTransformer2DModel
 from diffusers.models.normalization import RMSNorm as DiffusersRMSNorm
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForImageTextToText, Qwen2Config
 from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP, Qwen2RMSNorm, apply_rotary_pos_emb
@@ -264,6 +265,31 @@ def test_bad_inputs_are_named(reference, tmp_path):
     with pytest.raises(FileExistsError, match="exists"):
         import_reference(root / "checkpoint-1000", existing)
     assert existing.read_bytes() == b"keep me"
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("model.connector.0.layers.1.mlp.up_proj.weight", torch.zeros(7, 3), r"1 of the wrong shape \['connector"),
+        ("model.connector.0.layers.0.self_attn.q_norm.gamma", None, r"has no model\.connector\.0\.layers\.0\."),
+    ],
+)
+def test_connector_tensors_that_do_not_fit_are_named(reference, tmp_path, key, value, message):
+    folder = tmp_path / "damaged"
+    shutil.copytree(reference[0] / "checkpoint-1000", folder)
+    shard = folder / "model-00002-of-00002.safetensors"
+    tensors = load_file(str(shard))
+    if value is None:
+        del tensors[key]
+    else:
+        tensors[key] = value
+    save_file(tensors, str(shard))
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if k != key or value is not None}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=message):
+        import_reference(folder, tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 def test_command_line(reference, tmp_path, capsys):
