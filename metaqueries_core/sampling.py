@@ -98,7 +98,8 @@ def denoise(
     seed: int = 0,
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
-    """Denoise from seeded noise: cond (K*B, T, C) in branch order -> latents (B, c, h, w)."""
+    """Denoise from seeded noise: cond (K*B, T, C) in branch order -> latents (B, c, h, w) on the decoder's device
+    (the conditioning is moved there: the MLLM and head may sit elsewhere)."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if cond.shape[0] % branches:
@@ -106,12 +107,13 @@ def denoise(
     b = cond.shape[0] // branches
     shape = decoder.latent_shape(b, height, width)  # (B, c, h, w)
     sched = decoder.make_scheduler(scheduler)
-    sched.set_timesteps(steps, device=cond.device)
+    sched.set_timesteps(steps, device=decoder.device)
     generator = torch.Generator("cpu").manual_seed(seed)
     dtype = next(decoder.denoiser.parameters()).dtype
-    latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(cond.device)
+    latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(decoder.device)
     latents = latents * sched.init_noise_sigma  # (B, c, h, w)
-    cond = cond.to(dtype)
+    cond = cond.to(decoder.device, dtype)
+    mask = None if mask is None else mask.to(decoder.device)
     for i, t in enumerate(sched.timesteps):
         x = sched.scale_model_input(torch.cat([latents] * branches), t)  # (K*B, c, h, w)
         out = decoder.predict(x.to(dtype), t.expand(x.shape[0]), cond, mask).float()  # (K*B, c, h, w)

@@ -140,8 +140,8 @@ class DiffusionSample:
         try:
             latents = denoise(
                 decoder,
-                cond.to(decoder.device),
-                None if mask is None else mask.to(decoder.device),
+                cond,
+                mask,
                 branches=branches,
                 height=height,
                 width=width,
