@@ -176,10 +176,11 @@ class DecoderAdapter(abc.ABC):
             raise ValueError(f"batch, height and width must be positive, got batch={batch}, {height}x{width}")
         if height % m or width % m:
             (h_lo, h_hi), (w_lo, w_hi) = nearest_multiples(height, m), nearest_multiples(width, m)
+            nearest = list(dict.fromkeys((f"{h_lo}x{w_lo}", f"{h_hi}x{w_hi}")))  # one when both round to the same
             raise ValueError(
                 f"image size {height}x{width} (height x width) is not allowed for the {self.family} decoder: both sides "
-                f"must be multiples of {m} ({self._size_explanation()}); nearest valid sizes: "
-                f"{h_lo}x{w_lo} or {h_hi}x{w_hi}"
+                f"must be multiples of {m} ({self._size_explanation()}); nearest valid "
+                f"{'size' if len(nearest) == 1 else 'sizes'}: {' or '.join(nearest)}"
             )
         f = self.spatial_factor
         return batch, self.latent_channels, height // f, width // f
