@@ -183,7 +183,9 @@ def test_a_file_whose_tensors_do_not_fit_its_config_is_named(saved, tmp_path):
         metadata = f.metadata()
     tensors["connector.extra"] = torch.zeros(1)
     save_file(tensors, str(tmp_path / "odd.safetensors"), metadata=metadata)
-    with pytest.raises(ValueError, match=r"does not match its own config: 1 missing \[.queries.queries.\]; 1 unexpected"):
+    with pytest.raises(
+        ValueError, match=r"does not match its own config: 1 missing \[.queries.queries.\]; 1 unexpected"
+    ):
         ckpt.load_checkpoint(tmp_path / "odd.safetensors")
 
 
@@ -219,7 +221,7 @@ def test_wrong_shaped_tensors_are_named_and_change_nothing(saved, tmp_path, deco
     key = next(k for k in tensors if k.startswith("connector.") and tensors[k].ndim == 2)
     tensors[key] = torch.zeros(tensors[key].shape[0] + 1, tensors[key].shape[1])
     save_file(tensors, str(tmp_path / "shape.safetensors"), metadata=metadata)
-    with pytest.raises(ValueError, match=rf"shape.safetensors' does not match its own config: 1 of the wrong shape"):
+    with pytest.raises(ValueError, match=r"shape.safetensors' does not match its own config: 1 of the wrong shape"):
         ckpt.load_checkpoint(tmp_path / "shape.safetensors")
     decoder = decoder_loader("sana")
     before = {k: v.clone() for k, v in decoder.denoiser.state_dict().items()}
