@@ -68,6 +68,7 @@ class Describe:
             images,
             max_new_tokens=max_new_tokens,
             system_prompt=system_prompt.strip() or None,
+            max_prompt_tokens=mllm.context_tokens,  # a question, not a MetaQuery caption: no 256-token cut
             stopping_criteria=StoppingCriteriaList([InterruptCheck()]),
         )
         return ("\n".join(answers),)

@@ -135,6 +135,16 @@ class MLLMAdapter(ABC):
         return self.language_model.config.hidden_size
 
     @property
+    def family(self) -> str:
+        """The loaded model's `config.model_type` (an adapter may serve several)."""
+        return self.model.config.model_type
+
+    @property
+    def context_tokens(self) -> int | None:
+        """The language model's context length, when its config gives one."""
+        return getattr(self.language_model.config, "max_position_embeddings", None)
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
@@ -153,7 +163,7 @@ class MLLMAdapter(ABC):
 
     def image_features(self, images: list[list[Image.Image]]) -> tuple[list[torch.Tensor], dict[str, Any]]:
         """Vision features per image (each (n_i, D), in batch order) and the HF kwargs that carry the pixels."""
-        raise ValueError(f"MLLM {self.name!r} ({self.model_types[0]}) is text-only and takes no images")
+        raise NotImplementedError(f"{type(self).__name__} takes images but does not implement image_features")
 
     def expand_image(self, num_features: int) -> str:
         """The text that replaces one image placeholder of the chat template: one image token per feature (families
@@ -213,11 +223,16 @@ class MLLMAdapter(ABC):
             return [[] for _ in range(batch)]
         if len(images) != batch:
             raise ValueError(f"got image lists for {len(images)} samples but {batch} prompts; give one list per prompt")
+        if self.image_token is None and any(images):
+            raise ValueError(
+                f"MLLM {self.name!r} ({self.family}) is text-only and takes no images; give it none, or load a "
+                "vision MLLM (Qwen2.5-VL, Qwen2-VL, LLaVA-OneVision, InternVL3)"
+            )
         out = []
         for i, sample in enumerate(images):
             if len(sample) > self.max_images:
                 raise ValueError(
-                    f"sample {i} has {len(sample)} images; MLLM {self.name!r} ({self.model_types[0]}) "
+                    f"sample {i} has {len(sample)} images; MLLM {self.name!r} ({self.family}) "
                     f"takes at most {self.max_images} per prompt"
                 )
             fitted = [ensure_min_side(to_rgb(im), self.min_image_side) for im in sample]
@@ -367,12 +382,17 @@ class MLLMAdapter(ABC):
         *,
         max_new_tokens: int = 64,
         system_prompt: str | None | Default = DEFAULT,
+        max_prompt_tokens: int | None = None,
         stopping_criteria: Any = None,
     ) -> list[str]:
         """Let the frozen MLLM answer (understanding): the same prompt format with no query slots, greedy.
 
-        `stopping_criteria` (a transformers StoppingCriteriaList) lets a caller cancel mid-answer."""
-        batch = self.prepare(prompts, images, num_queries=0, system_prompt=system_prompt)
+        `max_prompt_tokens` cuts the question (None: the adapter's caption limit, the prompt format a MetaQuery
+        checkpoint reads); `stopping_criteria` (a transformers StoppingCriteriaList) lets a caller cancel
+        mid-answer."""
+        batch = self.prepare(
+            prompts, images, num_queries=0, system_prompt=system_prompt, max_prompt_tokens=max_prompt_tokens
+        )
         out = self.model.generate(
             **batch.model_inputs,
             max_new_tokens=max_new_tokens,

@@ -183,9 +183,21 @@ def test_too_many_images_is_a_named_error(mllm_loader, family):
         mllm.prepare(["x"], [[red()] * 9], num_queries=N)
 
 
-def test_text_only_model_rejects_images(mllm_loader):
-    with pytest.raises(ValueError, match="at most 0"):
-        mllm_loader("qwen2").prepare(["x"], [[red()]], num_queries=N)
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_text_only_model_rejects_images(mllm_loader, family):
+    with pytest.raises(ValueError, match=rf"\({family}\) is text-only and takes no images; give it none"):
+        mllm_loader(family).prepare(["x", "y"], [[], [red()]], num_queries=N)
+
+
+def test_understanding_questions_are_not_cut_to_the_caption_limit(mllm_loader, caplog):
+    mllm = mllm_loader("qwen2")
+    question = "word " * 400 + "what colour is the circle?"
+    with caplog.at_level(logging.WARNING):
+        mllm.generate_text([question], max_new_tokens=1, max_prompt_tokens=mllm.context_tokens)
+    assert not caplog.records
+    with caplog.at_level(logging.WARNING):
+        mllm.generate_text([question], max_new_tokens=1)  # the caption format's limit still applies by default
+    assert "truncated to 256" in caplog.text
 
 
 def test_image_lists_must_match_prompts(mllm_loader):
