@@ -95,13 +95,25 @@ def list_folders(keys: tuple[str, ...], is_model: Callable[[Path], bool]) -> lis
     return sorted(names)
 
 
+def _walk_files(root: Path) -> Iterator[Path]:
+    """Files below `root`, in linked folders too (as ComfyUI's own lists), never in the same folder twice."""
+    seen: set[str] = set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a link back up the tree, or two links to one store
+            dirs.clear()
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        yield from (Path(folder) / f for f in files)
+
+
 def list_files(keys: tuple[str, ...], suffix: str) -> list[str]:
     names = {
         path.relative_to(root).as_posix()
         for root in roots_of(keys)
-        if root.is_dir()
-        for path in root.rglob(f"*{suffix}")
-        if path.is_file()
+        for path in _walk_files(root)
+        if path.name.endswith(suffix) and path.is_file()
     }
     return sorted(names)
 

@@ -65,6 +65,23 @@ def test_listing_finds_model_folders_at_any_depth_but_not_inside_models(tmp_path
     assert comfy_env.resolve(("LLM",), "org/b-model", "MLLM folder") == tmp_path / "org" / "b-model"
 
 
+def test_checkpoint_files_in_linked_folders_are_listed_once(tmp_path, monkeypatch):
+    store, root = tmp_path / "store", tmp_path / "metaqueries"
+    (store / "deep").mkdir(parents=True)
+    root.mkdir()
+    (store / "shared.safetensors").write_bytes(b"")
+    (store / "deep" / "more.safetensors").write_bytes(b"")
+    (root / "own.safetensors").write_bytes(b"")
+    (root / "linked").symlink_to(store, target_is_directory=True)
+    (store / "loop").symlink_to(store, target_is_directory=True)  # a link back up must not recurse forever
+    monkeypatch.setattr(comfy_env, "folder_roots", lambda key: [root])
+    assert comfy_env.list_files(("metaqueries",), ".safetensors") == [
+        "linked/deep/more.safetensors",
+        "linked/shared.safetensors",
+        "own.safetensors",
+    ]
+
+
 def test_fallback_models_dir_is_configurable(monkeypatch, tmp_path):
     monkeypatch.setattr(comfy_env, "IN_COMFYUI", False)
     monkeypatch.setenv("METAQUERIES_MODELS_DIR", str(tmp_path))
