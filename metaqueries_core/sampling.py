@@ -107,6 +107,13 @@ def denoise(
     b = cond.shape[0] // branches
     shape = decoder.latent_shape(b, height, width)  # (B, c, h, w)
     sched = decoder.make_scheduler(scheduler)
+    # SD1.5's "leading" spacing with steps_offset 1 would step past its last training timestep
+    most = sched.config.num_train_timesteps - sched.config.get("steps_offset", 0)
+    if steps > most:
+        raise ValueError(
+            f"steps must be 1..{most} for this {decoder.family} decoder's {scheduler} scheduler "
+            f"({sched.config.num_train_timesteps} training timesteps), got {steps}"
+        )
     sched.set_timesteps(steps, device=decoder.device)
     generator = torch.Generator("cpu").manual_seed(seed)
     dtype = next(decoder.denoiser.parameters()).dtype

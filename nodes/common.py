@@ -11,7 +11,7 @@ from PIL import Image
 
 from metaqueries_core.checkpoint import MetaQueryConfig
 from metaqueries_core.head import MetaQueryHead
-from metaqueries_core.images import tensor_to_pil
+from metaqueries_core.images import ALPHA_BACKGROUND, tensor_to_pil
 
 from . import comfy_env
 
@@ -65,6 +65,10 @@ def image_to_pil(image: torch.Tensor, name: str = "image") -> list[Image.Image]:
     if image.shape[0] == 0:
         raise ValueError(f"{name} is an empty image batch (0 images); connect at least one image")
     rgb = image[..., :3] if image.shape[-1] != 1 else image.expand(-1, -1, -1, 3)  # (B, H, W, 3)
+    if image.shape[-1] == 4:  # composited on the background every RGBA image gets (images.to_rgb), as in training
+        alpha = image[..., 3:]  # (B, H, W, 1)
+        background = torch.tensor(ALPHA_BACKGROUND, dtype=rgb.dtype, device=rgb.device) / 255  # (3,)
+        rgb = rgb * alpha + background * (1 - alpha)
     return tensor_to_pil(rgb.permute(0, 3, 1, 2))  # (B, 3, H, W) -> PIL
 
 
@@ -85,16 +89,29 @@ def image_lists(images: dict[str, torch.Tensor]) -> list[list[Image.Image]]:
     return [[p[i if len(p) > 1 else 0] for p in pils.values()] for i in range(batch)]
 
 
-def to_conditioning(cond: torch.Tensor, mask: torch.Tensor | None = None) -> list[list[Any]]:
+def to_conditioning(
+    cond: torch.Tensor, mask: torch.Tensor | None = None, checkpoint: MetaQueryCheckpoint | None = None
+) -> list[list[Any]]:
     """cond (B, T, C) -> ComfyUI CONDITIONING [[cond, {}]] on the intermediate device.
 
-    The dict stays empty unless some token is masked: ComfyUI's SD1.x model reads only the tensor (the pooled output
-    is for SDXL-style models), and a MetaQuery mask is all ones (every query is a real token)."""
+    The dict stays empty unless some token is masked (ComfyUI's SD1.x model reads only the tensor, the pooled output
+    is for SDXL-style models, and a MetaQuery mask is all ones: every query is a real token) or `checkpoint`
+    fine-tuned its decoder: then it names the checkpoint, so Diffusion Sample can refuse a decoder without its
+    weights."""
     extras: dict[str, Any] = {}
     device = comfy_env.intermediate_device()
     if mask is not None and not bool(mask.all()):
         extras["attention_mask"] = mask.to(device)
+    if checkpoint is not None and checkpoint.decoder_state:
+        extras[DECODER_WEIGHTS_KEY] = checkpoint.name
     return [[cond.float().to(device), extras]]
+
+
+# The checkpoint whose fine-tuned decoder weights a conditioning needs (absent: the decoder folder's own weights).
+DECODER_WEIGHTS_KEY = "metaqueries_decoder_weights"
+# What Diffusion Sample reads from a conditioning entry's dict; pooled_output is SDXL-style and unused by both
+# decoders, so "Conditioning Zero Out" and the like still pass.
+READ_CONDITIONING_KEYS = {"attention_mask", "pooled_output", DECODER_WEIGHTS_KEY}
 
 
 def from_conditioning(conditioning: Any, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -112,6 +129,11 @@ def from_conditioning(conditioning: Any, name: str) -> tuple[torch.Tensor, torch
     if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and torch.is_tensor(entry[0]) and entry[0].ndim == 3):
         raise ValueError(f"{name} must be [[tensor (B, T, C), dict]]; got an entry of type {type(entry)}")
     cond, extras = entry
+    if ignored := sorted(set(extras) - READ_CONDITIONING_KEYS):
+        raise ValueError(
+            f"{name} carries {ignored}, which Diffusion Sample does not apply (it reads the tensor and "
+            f"attention_mask only); remove the node that set them, or sample SD1.5 conditioning with core KSampler"
+        )
     mask = extras.get("attention_mask")
     if mask is not None and tuple(mask.shape) != tuple(cond.shape[:2]):
         raise ValueError(f"{name}: attention_mask {tuple(mask.shape)} does not match cond {tuple(cond.shape)}")

@@ -93,7 +93,8 @@ class Connector:
         return {"required": {"query_states": (QUERY_STATES, tip("Output of MetaQuery Encode."))}}
 
     def connect(self, query_states: QueryStates) -> tuple[list]:
-        return (to_conditioning(apply_connector(query_states.checkpoint, query_states.states)),)
+        checkpoint = query_states.checkpoint
+        return (to_conditioning(apply_connector(checkpoint, query_states.states), checkpoint=checkpoint),)
 
 
 class EditConditioning:
@@ -150,4 +151,4 @@ class EditConditioning:
         states = encode_queries(mllm, checkpoint, prompts, branch_images)  # (3B, N, D)
         cond = apply_connector(checkpoint, states)  # (3B, N, C) in branch order [uncond, image-only, cond]
         uncond, image_only, positive = cond.chunk(3)
-        return to_conditioning(positive), to_conditioning(image_only), to_conditioning(uncond)
+        return tuple(to_conditioning(c, checkpoint=checkpoint) for c in (positive, image_only, uncond))

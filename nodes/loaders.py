@@ -157,5 +157,12 @@ class LoadDecoder:
         if checkpoint is not None:
             check_compatible(checkpoint.config, decoder=decoder)
             if checkpoint.decoder_state:
-                apply_decoder_state(decoder, checkpoint.decoder_state)
+                try:
+                    apply_decoder_state(decoder, checkpoint.decoder_state)
+                except ValueError as e:
+                    trained = checkpoint.config.decoder_name or "unrecorded"
+                    raise ValueError(
+                        f"{checkpoint.name!r} was trained with decoder {trained!r}, not {decoder_name!r}: {e}"
+                    ) from e
+                decoder.weights_from = checkpoint.name
         return (decoder,)

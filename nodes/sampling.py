@@ -11,7 +11,7 @@ from metaqueries_core.decoders import SCHEDULER_NAMES, DecoderAdapter
 from metaqueries_core.sampling import Guidance, denoise
 
 from . import comfy_env
-from .common import CATEGORY, DECODER, decoded_to_image, from_conditioning, tip
+from .common import CATEGORY, DECODER, DECODER_WEIGHTS_KEY, decoded_to_image, from_conditioning, tip
 
 
 def arrange_branches(
@@ -48,6 +48,18 @@ def arrange_branches(
         masks.append(mask.cpu().repeat_interleave(batch_size, dim=0))  # (B, T)
     has_mask = any(named[name][1] is not None for name in order)
     return torch.cat(conds), torch.cat(masks) if has_mask else None, len(order)
+
+
+def check_decoder_weights(positive: list, decoder: DecoderAdapter) -> None:
+    """Refuse a decoder without the fine-tuned weights the conditioning's checkpoint trained it to (the base decoder
+    would run silently and draw badly)."""
+    needed = positive[0][1].get(DECODER_WEIGHTS_KEY)
+    if needed and decoder.weights_from != needed:
+        has = f"those of {decoder.weights_from!r}" if decoder.weights_from else "its folder's own weights"
+        raise ValueError(
+            f"the conditioning comes from checkpoint {needed!r}, which fine-tuned its decoder, but this decoder has "
+            f"{has}; connect {needed!r} to Load Diffusion Decoder's checkpoint input"
+        )
 
 
 class DiffusionSample:
@@ -125,6 +137,7 @@ class DiffusionSample:
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         g = Guidance(scale=guidance, image_scale=image_guidance)
         cond, mask, branches = arrange_branches(positive, negative, image_negative, g, batch_size)
+        check_decoder_weights(positive, decoder)
         if cond.shape[-1] != decoder.text_width:
             raise ValueError(
                 f"conditioning width {cond.shape[-1]} does not match the {decoder.family} decoder's text width "

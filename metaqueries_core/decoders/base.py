@@ -131,6 +131,7 @@ class DecoderAdapter(abc.ABC):
         self.latent_channels = int(latent_channels)
         self.spatial_factor = int(spatial_factor)
         self.source = source
+        self.weights_from = ""  # the MetaQuery checkpoint whose fine-tuned weights the denoiser holds ("": none)
         self.num_train_timesteps = int(self.scheduler_config.get("num_train_timesteps", 1000))
         self.vae.requires_grad_(False)
         self.vae.eval()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import pytest
 import torch
-from conftest import SD15_TINY, WRONG_WIDTH_CHECKPOINT
+from conftest import SANA_NAME, SD15_TINY, WRONG_WIDTH_CHECKPOINT
 
 from nodes import (
+    Connector,
     DiffusionSample,
     EditConditioning,
     Encode,
@@ -17,6 +19,7 @@ from nodes import (
     LoadMLLM,
     comfy_env,
 )
+from nodes.common import QueryStates, image_to_pil
 
 
 def cond(batch: int, tokens: int = 8, width: int = 64) -> list:
@@ -181,3 +184,43 @@ def test_a_prompt_template_checkpoint_refuses_input_images_by_name(models_root):
         Encode().encode(mllm, checkpoint, "a red circle", torch.rand(1, 32, 32, 3))
     (states,) = Encode().encode(mllm, checkpoint, "a red circle")
     assert states.states.shape[:2] == (1, checkpoint.config.num_queries)
+
+
+def test_conditioning_options_sample_would_ignore_are_refused(loaded):
+    positive = [[torch.randn(1, 8, 64), {"strength": 0.5, "start_percent": 0.2}]]
+    with pytest.raises(ValueError, match=r"positive carries \['start_percent', 'strength'\], which Diffusion Sample"):
+        run_sample(loaded["sana"], positive, cond(1))
+    zeroed = [[torch.randn(1, 8, 64), {"pooled_output": torch.zeros(1, 8)}]]  # e.g. Conditioning Zero Out
+    image, _ = run_sample(loaded["sana"], zeroed, cond(1))
+    assert image.shape == (1, 32, 32, 3)
+
+
+def test_steps_beyond_the_schedulers_training_timesteps_are_refused(loaded):
+    with pytest.raises(ValueError, match=r"steps must be 1\.\.999 for this sd15 decoder's ddim scheduler"):
+        run_sample(loaded["sd15"], cond(1, width=32), cond(1, width=32), steps=1000, scheduler="ddim")
+
+
+def test_a_checkpoint_that_tuned_its_decoder_needs_its_weights_in_the_decoder(loaded):
+    base = loaded["checkpoint"]
+    weights = {k: v + 0.01 for k, v in loaded["sana"].denoiser.state_dict().items()}
+    tuned = replace(base, name="tuned.safetensors", decoder_state=weights)
+    states = Encode().encode(loaded["mllm"], tuned, "a red circle")[0].states
+    (positive,) = Connector().connect(QueryStates(states, tuned))
+    (negative,) = Connector().connect(QueryStates(states, tuned))
+    with pytest.raises(ValueError, match=r"comes from checkpoint 'tuned.safetensors', which fine-tuned its decoder"):
+        run_sample(loaded["sana"], positive, negative)
+    (decoder,) = LoadDecoder().load(SANA_NAME, "auto", "auto", checkpoint=tuned)
+    assert decoder.weights_from == "tuned.safetensors"
+    image, _ = run_sample(decoder, positive, negative)
+    assert image.isfinite().all()
+    wrong = replace(tuned, decoder_state={k: v[..., :1] if v.ndim else v for k, v in weights.items()})
+    with pytest.raises(ValueError, match=r"'tuned.safetensors' was trained with decoder .*: .* of the wrong shape"):
+        LoadDecoder().load(SANA_NAME, "auto", "auto", checkpoint=wrong)
+
+
+def test_rgba_images_are_composited_on_white_as_in_training():
+    rgba = torch.zeros(1, 4, 4, 4)  # black, fully transparent
+    rgba[0, :2, :, 3] = 1.0  # the top half opaque
+    (pil,) = image_to_pil(rgba)
+    pixels = torch.tensor(list(pil.getdata())).view(4, 4, 3)
+    assert (pixels[:2] == 0).all() and (pixels[2:] == 255).all()
