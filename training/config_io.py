@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -286,16 +287,21 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise _wrong_type(key, tp, value)
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             # PyYAML follows YAML 1.1, where `1e-4` (no dot) is a *string*; accepting it here avoids the classic
             # "lr: 1e-4 is not a float" surprise without loosening anything else.
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise _wrong_type(key, tp, value)
+        if number is None:
+            raise _wrong_type(key, tp, value)
+        if not math.isfinite(number):  # NaN passes every range check (all its comparisons are false)
+            raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -371,7 +377,9 @@ def _apply_override(cls: type, raw: dict[str, Any], dotted: str, text: str) -> N
             raise ConfigError(f"cannot apply override '{dotted}': the YAML sets section '{where}' to {child!r}")
         node = child
     last = parts[-1]
-    if isinstance(value, dict) and isinstance(node.get(last), dict):
+    inner, _ = _strip_optional(tp)
+    is_section = isinstance(inner, type) and dataclasses.is_dataclass(inner)
+    if is_section and isinstance(value, dict) and isinstance(node.get(last), dict):
         node[last] = {**node[last], **value}  # a mapping given for a whole section updates it key by key
     else:
-        node[last] = value
+        node[last] = value  # any other value replaces, a mapping-valued field's too (data.toyworld_caption_mix)

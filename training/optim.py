@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
 from .config import OptimSection
+
+log = logging.getLogger(__name__)
 
 HEAD_ROLES = ("queries", "connector")  # what `head_hold_steps` holds back
 
@@ -15,7 +19,11 @@ HEAD_ROLES = ("queries", "connector")  # what `head_hold_steps` holds back
 def param_groups(modules: dict[str, nn.Module], cfg: OptimSection) -> list[dict]:
     """One group per (role, decay) pair. Roles: 'queries', 'connector', 'decoder'. Norm weights, biases and the
     queries get no weight decay: decaying them pulls toward zero with no regularising purpose."""
-    lrs = {"queries": cfg.queries_lr or cfg.lr, "connector": cfg.lr, "decoder": cfg.decoder_lr or cfg.lr}
+    lrs = {
+        "queries": cfg.lr if cfg.queries_lr is None else cfg.queries_lr,  # 0 is a rate: the queries stay as they start
+        "connector": cfg.lr,
+        "decoder": cfg.lr if cfg.decoder_lr is None else cfg.decoder_lr,
+    }
     groups = []
     for role, module in modules.items():
         decay, no_decay = [], []
@@ -74,3 +82,29 @@ def make_optimizer(
 
     lambdas = [held if g["name"].split("/")[0] in HEAD_ROLES else schedule for g in groups]
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
+
+
+def _lambda_lr(scheduler: Any) -> torch.optim.lr_scheduler.LambdaLR:
+    return getattr(scheduler, "scheduler", scheduler)  # accelerate's AcceleratedScheduler wraps it
+
+
+def current_rates(scheduler: Any) -> list[float]:
+    """Every parameter group's base learning rate (what the config asked for, before a checkpoint is loaded)."""
+    return list(_lambda_lr(scheduler).base_lrs)
+
+
+def set_base_rates(scheduler: Any, rates: list[float]) -> None:
+    """Make `rates` the groups' base rates at the scheduler's current step. Loading a checkpoint restores the rates
+    it was trained with; a resumed run that lowers optim.lr (after a divergence) must train at the new ones."""
+    sched = _lambda_lr(scheduler)
+    if len(rates) != len(sched.base_lrs):
+        raise ValueError(f"{len(rates)} rates for {len(sched.base_lrs)} parameter groups")
+    changed = [(g["name"], old, new) for g, old, new in zip(sched.optimizer.param_groups, sched.base_lrs, rates)]
+    for name, old, new in changed:
+        if old != new:
+            log.info("%s: learning rate %g (the checkpoint trained at %g)", name, new, old)
+    sched.base_lrs = list(rates)
+    for group, base, schedule in zip(sched.optimizer.param_groups, rates, sched.lr_lambdas):
+        group["initial_lr"] = base
+        group["lr"] = base * schedule(sched.last_epoch)
+    sched._last_lr = [group["lr"] for group in sched.optimizer.param_groups]

@@ -46,6 +46,10 @@ from training.config_io import ConfigError, load_config
         ("--train.image_guidance=-1", "train.image_guidance must be >= 0"),
         ("--train.drop_images=1.5", r"train.drop_images must be in \[0.0, 1.0\], got 1.5 \(a probability\)"),
         ("--train.sample_prompts=[]", "train.sample_prompts is empty while train.sample_every > 0"),
+        ("--train.export_name=", "train.export_name must be a file name ending in .safetensors"),
+        ("--train.export_name=out/x.safetensors", r"no folder; it is written into train.output_dir\), got 'out/x"),
+        ("--optim.lr=nan", "config key 'optim.lr' must be a finite number"),
+        ("--train.guidance=inf", "config key 'train.guidance' must be a finite number"),
     ],
 )
 def test_out_of_range_values_are_refused_by_name(override, message):
@@ -84,3 +88,7 @@ def test_bounds_pass_none_and_the_closed_ends_and_refuse_the_open_ones():
         within("x", 1.0, 0.0, 1.0, high_open=True)
     with pytest.raises(ValueError, match="x must be > 0, got 0"):
         above("x", 0, 0)
+    for value in (float("nan"), float("inf")):  # NaN compares false with everything: it would pass every range
+        for check in (lambda v: at_least("x", v, 1), lambda v: above("x", v, 0), lambda v: within("x", v, 0, 1)):
+            with pytest.raises(ValueError, match="x must be a finite number"):
+                check(value)

@@ -102,6 +102,22 @@ def test_precedence_cli_beats_yaml_beats_defaults(tmp_path):
     assert cfg.data == DataConfig()
 
 
+def test_cli_mapping_replaces_a_mapping_field_but_updates_a_section(tmp_path):
+    path = write_yaml(tmp_path, {"loss_weights": {"a": 1, "b": 2}, "optim": {"lr": 0.01, "weight_decay": 0.1}})
+    cfg = load_config(Config, path, ["--loss_weights={c: 3}", "--optim={lr: 0.5}"])
+    assert cfg.loss_weights == {"c": 3.0}  # a value: the command line's replaces the file's
+    assert (cfg.optim.lr, cfg.optim.weight_decay) == (0.5, 0.1)  # a section: updated key by key
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", "nan", "inf"])
+def test_non_finite_floats_are_refused_everywhere(tmp_path, value):
+    for args in (["--optim.weight_decay=" + value], ["--optim.betas=[" + value + ", 0.9]"]):
+        with pytest.raises(ConfigError, match=r"must be a finite number"):
+            load_config(Config, None, args)
+    with pytest.raises(ConfigError, match=r"'loss_weights.a' must be a finite number"):
+        load_config(Config, write_yaml(tmp_path, f"loss_weights: {{a: {value}}}"), [])
+
+
 def test_cli_values_of_each_type():
     cfg = load_config(
         Config,

@@ -87,3 +87,17 @@ def test_fused_adamw_takes_the_reference_steps():
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert (models[0][0].weight - start).abs().max() > 1e-2  # it did train
+
+
+def test_a_zero_rate_for_queries_or_decoder_keeps_them_as_they_start():
+    modules = roles()
+    cfg = OptimSection(lr=1e-2, warmup_steps=1, queries_lr=0.0, decoder_lr=0.0)
+    opt, sched = make_optimizer(modules, cfg, total_steps=4)
+    start = snapshot(modules)
+    for _ in range(3):
+        sum(m(torch.ones(1, 4)).square().sum() for m in modules.values()).backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    assert not changed(start["queries"], modules["queries"]) and not changed(start["decoder"], modules["decoder"])
+    assert changed(start["connector"], modules["connector"])
