@@ -4,6 +4,7 @@ one (AdamW betas (0.9, 0.95), grad clip 0.5, cosine schedule with warm-up, 10% c
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from metaqueries_core.mllm import DEFAULT_SYSTEM_PROMPT
@@ -185,6 +186,12 @@ class TrainSection:
             at_least(f"train.{name}", getattr(self, name), 0, " (1: no guidance)")
         if self.sample_every and not self.sample_prompts:
             raise ValueError("train.sample_prompts is empty while train.sample_every > 0: give prompts or set 0")
+        name = self.export_name
+        if not name.endswith(".safetensors") or name != Path(name).name or name.startswith("."):
+            raise ValueError(
+                f"train.export_name must be a file name ending in .safetensors (no folder; it is written into "
+                f"train.output_dir), got {name!r}"
+            )
 
 
 @dataclass

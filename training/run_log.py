@@ -34,7 +34,7 @@ class MetricsLog:
         if resume_step is None:
             path.write_text("")
         elif path.is_file():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+            kept = [line for line, record in _records(path) if record["step"] <= resume_step]
             path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
@@ -44,6 +44,23 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
         if self.acc.log_with:
             self.acc.log(record, step=record["step"])
+
+
+def _records(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(line, record) of a metrics file. A last line cut short by a kill mid-write is dropped (its step is logged
+    again after the checkpoint); any other unreadable line is an error naming it."""
+    text = path.read_text()
+    lines = [line for line in text.splitlines() if line.strip()]
+    out = []
+    for number, line in enumerate(lines, 1):
+        try:
+            out.append((line, json.loads(line)))
+        except json.JSONDecodeError as e:
+            if number == len(lines) and not text.endswith("\n"):
+                log.warning("%s: dropped its last line, cut short when the run was killed: %r", path, line[:80])
+                break
+            raise ValueError(f"{path} line {number} is not a JSON record ({e}): {line[:80]!r}") from e
+    return out
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -27,7 +27,7 @@ from metaqueries_core.mllm import MLLMAdapter
 from . import checkpoints
 from .batches import ModelBatch, drop_conditions, to_model_batch
 from .config import RunConfig
-from .config_io import save_config
+from .config_io import config_to_dict, save_config
 from .data import NoUsableSampleError, SampleDataset, iter_batches
 from .data.samples import Sample
 from .datasets import open_training_data
@@ -40,8 +40,9 @@ from .model_setup import (
     load_models,
     set_decoder_mode,
 )
-from .optim import make_optimizer
+from .optim import current_rates, make_optimizer, set_base_rates
 from .preflight import SetupError, TrainingDiverged, check_run
+from .resume_check import resume_problems
 from .run_log import MetricsLog, replica_fingerprints, write_summary
 from .samples import write_sample_grid
 from .whole_weights import sampling_decoder, shards_weights, state_part, whole_head
@@ -168,7 +169,7 @@ def train(cfg: RunConfig) -> Path:
     check_run(cfg)
     run = setup(cfg)
     acc, out, ckpt_root = run.acc, Path(cfg.train.output_dir), Path(cfg.train.output_dir) / "checkpoints"
-    progress, resumed = restore(acc, cfg, ckpt_root, run.data)
+    progress, resumed = restore(run, cfg, ckpt_root)
     if acc.is_main_process:
         save_config(cfg, out / "config.yaml")
         if acc.log_with:
@@ -210,7 +211,7 @@ def train(cfg: RunConfig) -> Path:
             t_log, seen, window, loss = time.perf_counter(), 0, [], record["loss"]
         if cfg.train.checkpoint_every and progress.step % cfg.train.checkpoint_every == 0:
             if progress.step < cfg.train.steps:  # the last step is exported instead
-                save_training_state(acc, ckpt_root, progress, dict(run.data.skips.counts), cfg.train.keep_checkpoints)
+                save_training_state(acc, ckpt_root, progress, dict(run.data.skips.counts), cfg)
         if should_sample(cfg, progress.step):
             write_periodic_grid(run, cfg, sample_data, out / "samples" / f"step-{progress.step:08d}.png")
     bar.close()
@@ -315,9 +316,12 @@ def sum_skips(acc: Accelerator, counts: Counter[str]) -> dict[str, int]:
     return {f"skipped/{k}": v for k, v in sorted(total.items())}
 
 
-def save_training_state(acc: Accelerator, root: Path, progress: Progress, skips: dict[str, int], keep: int) -> None:
+def save_training_state(
+    acc: Accelerator, root: Path, progress: Progress, skips: dict[str, int], cfg: RunConfig
+) -> None:
     """Every process writes its part (RNG states, FSDP shards) into one temp folder; the main process then renames
-    it into place. A kill at any point leaves the previous complete checkpoint as the newest."""
+    it into place, with the config (what a resume is checked against). A kill at any point leaves the previous
+    complete checkpoint as the newest."""
     tmp = checkpoints.temp_dir(root, progress.step)
     if acc.is_main_process and tmp.exists():  # a leftover of a killed save
         shutil.rmtree(tmp)
@@ -326,13 +330,15 @@ def save_training_state(acc: Accelerator, root: Path, progress: Progress, skips:
     ranks = gather_object([{"epoch": progress.epoch, "position": progress.position, "skips": skips}])
     acc.wait_for_everyone()
     if acc.is_main_process:
-        state = {"step": progress.step, "world_size": acc.num_processes, "ranks": ranks}
-        checkpoints.publish(root, tmp, progress.step, state, keep)
+        state = {"step": progress.step, "world_size": acc.num_processes, "ranks": ranks, "config": config_to_dict(cfg)}
+        checkpoints.publish(root, tmp, progress.step, state, cfg.train.keep_checkpoints)
     acc.wait_for_everyone()
 
 
-def restore(acc: Accelerator, cfg: RunConfig, root: Path, data) -> tuple[Progress, bool]:
-    """With `train.resume`, load the newest complete checkpoint into the prepared objects; -> (progress, resumed)."""
+def restore(run: Run, cfg: RunConfig, root: Path) -> tuple[Progress, bool]:
+    """With `train.resume`, load the newest complete checkpoint into the prepared objects; -> (progress, resumed).
+    The config must continue the checkpoint's run (`resume_check`); its learning rates apply from there."""
+    acc = run.acc
     if acc.is_main_process:
         for stale in checkpoints.remove_leftovers(root):
             log.warning("removed %s, the unfinished save of a killed run", stale)
@@ -352,9 +358,19 @@ def restore(acc: Accelerator, cfg: RunConfig, root: Path, data) -> tuple[Progres
             "the same number (the data split depends on it), or start a new run from an export via "
             "model.init_checkpoint"
         )
+    if "config" not in state:
+        log.warning("%s records no config (an older version wrote it): the resume cannot be checked", latest)
+    elif problems := resume_problems(state["config"], cfg, state["step"]):
+        raise SetupError(
+            f"train.resume: this config does not continue the run of {latest}: " + "; ".join(problems) + ". Resume "
+            "with the run's settings (only paths, logging, saving, sampling, train.steps and the learning rates "
+            "may change), or start a new run from an export via model.init_checkpoint"
+        )
+    rates = current_rates(run.scheduler)
     acc.load_state(str(latest))
+    set_base_rates(run.scheduler, rates)  # the config's rates, not the checkpoint's (e.g. lowered after a divergence)
     mine = state["ranks"][acc.process_index]
-    data.skips.counts.update(mine["skips"])
+    run.data.skips.counts.update(mine["skips"])
     log.info("resumed from %s at step %d", latest, state["step"])
     return Progress(state["step"], mine["epoch"], mine["position"]), True
 

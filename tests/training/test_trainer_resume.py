@@ -163,6 +163,28 @@ def test_resume_with_another_process_count_is_refused(folders, tmp_path, capsys)
     assert "was written by 2 processes, this run has 1" in capsys.readouterr().err
 
 
+def test_a_resume_trains_at_the_configs_rates_and_refuses_other_changes(folders, tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ("--train.steps=6", "--train.checkpoint_every=2", "--optim.warmup_steps=1")
+    run(folders, out, *common, "--optim.lr=1e-2")
+    first = {r["step"]: r["lr"] for r in read_metrics(out / "metrics.jsonl")}
+    # after a divergence the advice is: lower optim.lr and resume (from step 4, the newest checkpoint)
+    run(folders, out, *common, "--optim.lr=1e-3", "--train.resume=true")
+    again = {r["step"]: r["lr"] for r in read_metrics(out / "metrics.jsonl")}
+    assert [again[s] for s in (1, 2, 3, 4)] == [first[s] for s in (1, 2, 3, 4)]
+    for step in (5, 6):  # the same schedule at a tenth of the rate
+        assert again[step] == pytest.approx(first[step] / 10, rel=1e-6)
+
+    for change, says in (
+        ("--train.batch_size=3", "train.batch_size: checkpoint "),
+        ("--train.seed=5", "train.seed: checkpoint 0, now 5"),
+        ("--train.steps=4", "train.steps: 4 leaves nothing to train after the checkpoint's step 4"),
+    ):
+        assert main(args(folders, out, *common, "--optim.lr=1e-3", "--train.resume=true", change)) == 1
+        err = capsys.readouterr().err
+        assert "does not continue the run of" in err and says in err, err
+
+
 def test_two_processes_hold_identical_weights(folders, tmp_path):
     out = tmp_path / "ddp"
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "training.run"]
@@ -180,3 +202,18 @@ def test_two_processes_hold_identical_weights(folders, tmp_path):
     state = checkpoints.read_state(out / "checkpoints" / "step-00000002")
     assert state["world_size"] == 2 and len(state["ranks"]) == 2
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3]  # one writer
+
+
+def test_a_metrics_line_cut_short_by_a_kill_does_not_block_the_resume(tmp_path):
+    from types import SimpleNamespace
+
+    from training.run_log import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    main_process = SimpleNamespace(is_main_process=True, log_with=[])
+    path.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.9}\n{"step": 3, "lo')  # killed mid-write
+    MetricsLog(main_process, path, resume_step=2)
+    assert [r["step"] for r in read_metrics(path)] == [1, 2]
+    path.write_text('{"step": 1, "loss": 1.0}\nnot json\n{"step": 2, "loss": 0.9}\n')  # damage, not a kill
+    with pytest.raises(ValueError, match=r"metrics.jsonl line 2 is not a JSON record"):
+        MetricsLog(main_process, path, resume_step=2)
