@@ -29,7 +29,7 @@ from metaqueries_core.toyworld import (
     summarise,
 )
 
-from .config_io import ConfigError, load_config
+from .config_io import ConfigError, load_config, parse_override
 from .samples import grid
 from .toy.teach import edit_answer, generate_answers, understanding_accuracy
 
@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m training.eval",
         description=__doc__,
-        epilog="Any other --key=value overrides a ToyJobConfig field (e.g. --eval_samples=1 --image_guidance=3).",
+        epilog="--key=value overrides how the models are scored: the ToyJobConfig fields eval_two_object, eval_edits, "
+        "eval_subjects, eval_questions, eval_samples, eval_steps, guidance, image_guidance (e.g. --eval_samples=1).",
     )
     parser.add_argument("models", type=Path, help="models folder of a toy job (LLM/, diffusers/, metaqueries/)")
     parser.add_argument("--out", type=Path, default=None, help="scores JSON (default: MODELS/../scores.json)")
@@ -180,7 +181,13 @@ def main(argv: list[str] | None = None) -> int:
     record = args.models.parent / JOB_RECORD
     found = record if record.is_file() else None
     try:
-        job = load_config(ToyJobConfig, found, overrides)
+        job = load_config(ToyJobConfig, found, overrides)  # unknown keys and bad values first
+        fixed = [key for key, _ in map(parse_override, overrides) if key not in ToyJobConfig.EVAL_KEYS]
+        if fixed:
+            raise ConfigError(
+                f"{', '.join(fixed)}: settings of the trained models, not of how they are scored (they come from the "
+                f"job's {JOB_RECORD}); scoring takes {', '.join(ToyJobConfig.EVAL_KEYS)}"
+            )
     except ConfigError as err:
         parser.error(str(err))  # exits 2 with the usage and what was wrong
     log.info("scoring with %s", f"the settings in {found}" if found else "the default job's settings")

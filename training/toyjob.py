@@ -219,11 +219,20 @@ class ToyJobConfig:
         within(
             "instruct_lr_scale", self.instruct_lr_scale, 0.0, 1.0, low_open=True, why=" (a share of pretrain's rates)"
         )
+        subjects = DataSection().toyworld_subject_fraction  # the instruct stage's share of subject-driven pairs
+        why = f" (a share of the instruct samples; subject-driven pairs take {subjects} and edits the rest)"
+        within("instruct_captions", self.instruct_captions, 0.0, round(1.0 - subjects, 6), why=why)
 
     def decoder_factor_and_patch(self) -> tuple[int, int]:
         """The autoencoder's downsampling factor (1 on pixels) and the decoder's patch size."""
         latent = self.decoder_space == "latent"
         return (2 ** (len(self.ae_channels) - 1) if latent else 1), self.decoder_patch or (1 if latent else 2)
+
+    # the fields `eval_settings` reads: how exported models are scored, not what they are
+    EVAL_KEYS = (
+        *("eval_two_object", "eval_edits", "eval_subjects", "eval_questions", "eval_samples", "eval_steps"),
+        *("guidance", "image_guidance"),
+    )
 
     def eval_settings(self) -> dict:
         """`training.eval.evaluate`'s keyword arguments for how many prompts of each kind, how many samples, and how
@@ -346,6 +355,7 @@ def stage_teach(cfg: ToyJobConfig, work: Path, world: ToyWorld) -> Path:
     folder = work / "mllm"
     if claim_stage(cfg, folder) and (folder / "understanding.json").is_file():
         log.info("teach: reusing %s", folder)
+        remeasure_understanding(cfg, folder, world)
         return folder
     t0 = time.perf_counter()
     write_tiny_mllm(MLLM_FAMILY, folder, size=mllm_size(cfg), texts=[*all_text(), SYSTEM_PROMPT], seed=cfg.seed)
@@ -360,6 +370,22 @@ def stage_teach(cfg: ToyJobConfig, work: Path, world: ToyWorld) -> Path:
         acc["eval_heldout"]["accuracy"],
     )
     return folder
+
+
+def remeasure_understanding(cfg: ToyJobConfig, folder: Path, world: ToyWorld) -> None:
+    """A reused MLLM's "before" answers cover `eval_questions` questions; when that setting changed, they are
+    measured again on the saved, taught MLLM (what every later stage loads frozen), so the after-training check
+    compares the same questions."""
+    path = folder / "understanding.json"
+    record = json.loads(path.read_text())
+    if all(len(record[split]["answers"]) == cfg.eval_questions for split in SPLITS):
+        return
+    log.info(
+        "teach: measuring understanding again on %d questions per split (eval_questions changed)", cfg.eval_questions
+    )
+    mllm = load_mllm(folder, system_prompt=SYSTEM_PROMPT)
+    record.update({split: understanding_accuracy(mllm, world, split, cfg.eval_questions) for split in SPLITS})
+    path.write_text(json.dumps(record, indent=2))
 
 
 def stage_autoencoder(cfg: ToyJobConfig, work: Path, world: ToyWorld) -> Path:

@@ -113,6 +113,14 @@ def test_short_chain_exports_models_scores_and_reuses_stages(tmp_path):
     assert run_main([f"--out={out}", *TINY, "--instruct_steps=3"]) == 0
     assert [mtimes()[k] == before[k] for k in first] == [True, True, True, True, False]
 
+    # more understanding questions: the reused MLLM's "before" answers are measured again (not 6 against 8)
+    before = mtimes()
+    assert run_main([f"--out={out}", *TINY, "--instruct_steps=3", "--eval_questions=8"]) == 0
+    assert mtimes() == before
+    record = json.loads((work / "mllm" / "understanding.json").read_text())
+    assert len(record["eval_seen"]["answers"]) == 8
+    assert json.loads((out / "scores.json").read_text())["understanding_unchanged"] is True
+
 
 def test_pixel_space_decoder_has_no_autoencoder(tmp_path):
     out = tmp_path / "toy"
@@ -143,6 +151,8 @@ def test_pixel_space_decoder_has_no_autoencoder(tmp_path):
         ("--mllm_width=80", "multiple of 64"),
         ("--decoder_patch=3", "must be a multiple of 12"),
         ("--train_shift=0", "pretrain stage's training config refuses"),
+        ("--instruct_captions=0.8", "instruct_captions must be in [0.0, 0.7], got 0.8 (a share of the instruct"),
+        ("--lr=nan", "config key 'lr' must be a finite number"),
     ],
 )
 def test_bad_settings_are_refused_before_any_work(tmp_path, capsys, arg, says):
@@ -174,7 +184,12 @@ def test_instruct_stage_trains_at_a_share_of_the_pretrain_rates(tmp_path):
 
 @pytest.mark.parametrize(
     ("arg", "says"),
-    [("--eval_samples=0", "eval_samples"), ("--eval_sample=2", "eval_sample"), ("--seed=1", "does not exist")],
+    [
+        ("--eval_samples=0", "eval_samples"),
+        ("--eval_sample=2", "eval_sample"),
+        ("--image_size=64", "image_size: settings of the trained models, not of how they are scored"),
+        ("--eval_samples=1", "does not exist"),
+    ],
 )
 def test_eval_cli_refuses_bad_settings_and_missing_models(tmp_path, capsys, arg, says):
     with pytest.raises(SystemExit) as exit_:
