@@ -180,8 +180,50 @@ def _source_members(group: dict[str, bytes]) -> list[bytes]:
     return [data for _, data in sorted(numbered, key=lambda item: item[0])]
 
 
+class _RankCursor:
+    """This rank's walk over an epoch's records: which ones to read, and where a tar error falls among its positions.
+
+    ``position`` counts this rank's records exactly as ``EpochIterator.position`` does, so that resuming at ``start``
+    reads nothing before it. A tar error ends its shard inside the last record asked about; that record never becomes a
+    Record, so it gives its position back, and the error belongs between two positions: it is reported only when it
+    lies at or after ``start`` (one before ``start`` was counted by the run that saved ``start``).
+    """
+
+    def __init__(self, start: int, *, rank: int, world_size: int) -> None:
+        self.start = start
+        self.rank = rank
+        self.world_size = world_size
+        self.position = 0  # this rank's records so far
+        self.seen = 0  # records of all ranks so far (the split_by='sample' deal)
+        self.open_record_is_mine = False  # the last record asked about, in the current shard, is this rank's
+
+    def start_shard(self) -> None:
+        """A new shard begins: an error before its first record belongs to no record."""
+        self.open_record_is_mine = False
+
+    def wanted(self) -> bool:
+        """Called once per record in order: is it this rank's, and at or after ``start`` (so worth reading)?"""
+        mine = self.seen % self.world_size == self.rank
+        self.seen += 1
+        self.open_record_is_mine = mine
+        if not mine:
+            return False
+        self.position += 1
+        return self.position > self.start
+
+    def tar_error(self) -> bool:
+        """A tar error ended the current shard; True when it should be reported (it lies at or after ``start``)."""
+        if self.open_record_is_mine:
+            self.position -= 1  # the record it cut short takes no position
+            self.open_record_is_mine = False
+        return self.position >= self.start
+
+
 class WebDatasetReader(SampleDataset):
     """Samples from img2dataset-style tar shards; see the module docstring for the member conventions."""
+
+    def data_files(self) -> list[str]:
+        return list(self.shards)
 
     def __init__(
         self,
@@ -220,27 +262,20 @@ class WebDatasetReader(SampleDataset):
         shards = self.epoch_shards(epoch)
         if self.split_by == "shard":
             shards = shards[self.rank :: self.world_size]
-        position = 0  # this rank's records seen so far
-        global_index = 0  # all records seen so far (for split_by='sample')
-
-        def wanted() -> bool:
-            nonlocal position, global_index
-            mine = self.split_by == "shard" or global_index % self.world_size == self.rank
-            global_index += 1
-            if not mine:
-                return False
-            position += 1
-            return position > start
-
+            cursor = _RankCursor(start, rank=0, world_size=1)  # every record of this rank's shards is its own
+        else:
+            cursor = _RankCursor(start, rank=self.rank, world_size=self.world_size)
         for shard_id, shard in shards:
-            groups = iter_tar_groups(shard, wanted)
+            cursor.start_shard()
+            groups = iter_tar_groups(shard, cursor.wanted)
             while True:
                 try:
                     index, key, group = next(groups)
                 except StopIteration:
                     break
                 except _TAR_ERRORS as e:
-                    yield StreamError(UNREADABLE_SHARD, shard, f"{type(e).__name__}: {e} (rest of shard skipped)")
+                    if cursor.tar_error():
+                        yield StreamError(UNREADABLE_SHARD, shard, f"{type(e).__name__}: {e} (rest of shard skipped)")
                     break
                 yield Record(key, (shard_id, index), lambda rng, key=key, group=group: self._decode(key, group, rng))
 

@@ -1,0 +1,83 @@
+"""Resuming a webdataset epoch from any saved position replays exactly the rest, broken shards included."""
+
+import io
+import tarfile
+from collections import Counter
+
+import pytest
+from PIL import Image
+
+from training.data import open_dataset
+
+
+def jpeg(i: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (12, 8), (i * 37 % 256, 0, 200)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def write_shard(path, first: int, n: int) -> None:
+    with tarfile.open(path, "w") as tar:
+        for i in range(first, first + n):
+            members = {"jpg": jpeg(i)[:40] if i == 1 else jpeg(i), "txt": f"c{i}".encode()}  # record 1: broken jpeg
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{i:03d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def broken_shards(tmp_path):
+    """5 shards of 4 records: 00001 cut inside its record 2's image, 00003 not a tar at all, record 1 a broken jpeg."""
+    folder = tmp_path / "wds"
+    folder.mkdir()
+    for s in range(5):
+        write_shard(folder / f"{s:05d}.tar", s * 4, 4)
+    cut = folder / "00001.tar"
+    with tarfile.open(cut) as tar:
+        offset = tar.getmembers()[4].offset_data  # record 2's jpg
+    cut.write_bytes(cut.read_bytes()[: offset + 100])
+    (folder / "00003.tar").write_bytes(b"not a tar archive" * 40)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "rank,world_size,split_by", [(0, 1, "shard"), (1, 2, "shard"), (0, 2, "sample"), (1, 2, "sample")]
+)
+def test_webdataset_resume_after_broken_shards_is_exact(tmp_path, rank, world_size, split_by):
+    folder = broken_shards(tmp_path)
+
+    def dataset():
+        return open_dataset(
+            "webdataset", str(folder), "pretrain", seed=5, rank=rank, world_size=world_size, split_by=split_by
+        )
+
+    full = dataset().iter_from(1)
+    saved = []  # (position, skips so far) after each sample: what a checkpoint holds
+    keys = []
+    for sample in full:
+        keys.append(sample.key)
+        saved.append((full.position, Counter(full.skips.counts)))
+    assert full.skips.counts["unreadable_shard"] >= 1  # the broken shards are in this rank's part
+    for n, (position, skips_before) in enumerate(saved):
+        resumed = dataset().iter_from(1, position)
+        assert [s.key for s in resumed] == keys[n + 1 :], f"resumed at {position}"
+        assert resumed.skips.counts + skips_before == full.skips.counts, f"resumed at {position}"
+        assert resumed.position == full.position
+
+
+def test_a_truncation_is_reported_by_the_run_that_reads_past_it(tmp_path):
+    folder = broken_shards(tmp_path)
+    ds = open_dataset("webdataset", str(folder / "{00001..00002}.tar"), "pretrain", shuffle=False)
+    it = ds.iter_from(0)
+    assert [(s.key, it.position) for s in it] == [
+        ("004", 1),
+        ("005", 2),
+        ("008", 3),
+        ("009", 4),
+        ("010", 5),
+        ("011", 6),
+    ]
+    assert it.skips.counts == {"unreadable_shard": 1}
+    before, after = ds.iter_from(0, 2), ds.iter_from(0, 3)  # saved after '005' (cut record next) and after '008'
+    assert [s.key for s in before] == ["008", "009", "010", "011"] and before.skips.counts == {"unreadable_shard": 1}
+    assert [s.key for s in after] == ["009", "010", "011"] and after.skips.counts == {}
