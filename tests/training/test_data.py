@@ -254,6 +254,24 @@ def test_layout_detection_errors(tmp_path):
         open_dataset("hf", str(tmp_path / "empty"), "pretrain")
 
 
+@needs_pyarrow
+def test_files_with_other_column_names_are_refused_when_the_dataset_opens(tmp_path):
+    folder = write_caption_parquet(tmp_path / "pq", n=4, text_col="caption")
+    table = pa.table({"image": pa.array([image_cell(i) for i in range(4)], image_struct()), "other": list(range(4))})
+    pq.write_table(table.append_column("caption", pa.array(["c"] * 4)), folder / "part-1.parquet")
+    assert len(open_dataset("hf", str(folder), "pretrain")) == 8  # other extra columns are fine
+    pq.write_table(table.append_column("text", pa.array(["c"] * 4)), folder / "part-2.parquet")
+    with pytest.raises(ValueError, match=r"part-2.parquet' has columns \['image', 'other', 'text'\], without \['capt"):
+        open_dataset("hf", str(folder), "pretrain")
+    arrow = write_save_to_disk(tmp_path / "arrow", table.append_column("caption", pa.array(["c"] * 4)))
+    with pa.OSFile(str(arrow / "data-1.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    files = [{"filename": "data-00000-of-00001.arrow"}, {"filename": "data-1.arrow"}]
+    (arrow / "state.json").write_text(json.dumps({"_data_files": files}))
+    with pytest.raises(ValueError, match=r"layout 'caption' \(detected from .*data-00000-of-00001.arrow'\) reads"):
+        open_dataset("hf", str(arrow), "pretrain")
+
+
 def test_missing_pyarrow_names_the_install(tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "pyarrow", None)
     with pytest.raises(ImportError, match="pip install pyarrow"):

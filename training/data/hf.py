@@ -43,7 +43,7 @@ from .samples import (
     load_image_file,
 )
 
-__all__ = ["LAYOUTS", "HFDiskReader", "Layout", "detect_layout"]
+__all__ = ["LAYOUTS", "HFDiskReader", "Layout", "check_same_columns", "detect_layout"]
 
 LayoutName = Literal["auto", "caption", "metaquery_instruct", "omniedit"]
 
@@ -104,6 +104,26 @@ def detect_layout(columns: Sequence[str], stage: Stage, layout: str = "auto") ->
     raise ValueError(f"no {stage} layout matches the columns {sorted(columns)}; {needs}")
 
 
+def check_same_columns(
+    file_columns: Sequence[tuple[str, Sequence[str]]], layout: Layout, mapping: dict[str, str]
+) -> None:
+    """Every file must have the columns the layout took from the first one.
+
+    Checked when the dataset opens because pyarrow's ``read_row_group`` silently leaves out a missing column, which
+    would only surface as a KeyError when training reaches that file.
+    """
+    wanted = list(mapping.values())
+    first = file_columns[0][0]
+    for file, columns in file_columns[1:]:
+        missing = [column for column in wanted if column not in columns]
+        if missing:
+            raise ValueError(
+                f"{file!r} has columns {sorted(columns)}, without {missing}; layout {layout.name!r} (detected from "
+                f"{first!r}) reads the columns {wanted} from every file of the dataset: give all its files the same "
+                "column names"
+            )
+
+
 def _pyarrow() -> Any:
     try:
         import pyarrow
@@ -162,20 +182,29 @@ class HFDiskReader(IndexedDataset):
         self.prompt_choice = prompt_choice
         self._pa = _pyarrow()
         self.base_dir = path if os.path.isdir(path) else os.path.dirname(path)
+        self.files: list[str] = []  # the parquet or arrow files read, in order
         self._arrow_table: Any = None
+        self._arrow_parts: list[Any] = []  # the arrow files' tables until the layout picks their columns
         self._parquet: list[Any] = []
-        self._parquet_paths: list[str] = []
         self._blocks: list[tuple[int, int]] = []  # (parquet file index, row group) per block
         self._block_starts = np.zeros(1, dtype=np.int64)
         self._cache: tuple[int, list[dict[str, Any]]] | None = None
-        columns = self._open(path, split)
-        self.layout, self.columns = detect_layout(columns, stage, layout)
-        if self._arrow_table is not None:
-            self._arrow_table = self._arrow_table.select(list(self.columns.values()))  # zero copy
+        file_columns = self._open(path, split)
+        self.layout, self.columns = detect_layout(file_columns[0][1], stage, layout)
+        check_same_columns(file_columns, self.layout, self.columns)
+        if self._arrow_parts:
+            wanted = list(self.columns.values())
+            self._arrow_table = self._pa.concat_tables([part.select(wanted) for part in self._arrow_parts])  # zero copy
+            self._arrow_parts = []
         if self.num_rows == 0:
             raise NoUsableSampleError(f"no usable sample in {path}: the dataset has 0 rows")
 
-    def _open(self, path: str, split: str) -> list[str]:
+    def data_files(self) -> list[str]:
+        """The parquet / arrow files (images a table names by path are not listed: that would read a column)."""
+        return list(self.files)
+
+    def _open(self, path: str, split: str) -> list[tuple[str, list[str]]]:
+        """Find the files and read their metadata; returns ``(file, its column names)`` per file, in order."""
         pa = self._pa
         if os.path.isdir(path) and os.path.isfile(os.path.join(path, "dataset_dict.json")):
             with open(os.path.join(path, "dataset_dict.json"), encoding="utf-8") as f:
@@ -186,15 +215,16 @@ class HFDiskReader(IndexedDataset):
             self.base_dir = path
         if path.endswith(".arrow") or (os.path.isdir(path) and _arrow_files(path)):
             files = [path] if path.endswith(".arrow") else _arrow_files(path)
-            self._arrow_table = pa.concat_tables([self._read_arrow(f) for f in files])
-            return list(self._arrow_table.column_names)
+            self.files = files
+            self._arrow_parts = [self._read_arrow(f) for f in files]
+            return [(f, list(part.column_names)) for f, part in zip(files, self._arrow_parts)]
         files = [path] if path.endswith(".parquet") else (_parquet_files(path, split) if os.path.isdir(path) else [])
         if not files:
             raise FileNotFoundError(
                 f"no dataset at {path!r}: expected a .parquet file, a folder of *.parquet (or data/*.parquet), "
                 "or a save_to_disk folder (dataset_info.json + data-*.arrow)"
             )
-        self._parquet_paths = files
+        self.files = files
         self._parquet = [pa.parquet.ParquetFile(f) for f in files]
         sizes: list[int] = []
         for i, pf in enumerate(self._parquet):
@@ -202,7 +232,7 @@ class HFDiskReader(IndexedDataset):
                 self._blocks.append((i, rg))
                 sizes.append(pf.metadata.row_group(rg).num_rows)
         self._block_starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
-        return list(self._parquet[0].schema_arrow.names)
+        return [(f, list(pf.schema_arrow.names)) for f, pf in zip(files, self._parquet)]  # footers only
 
     def _read_arrow(self, file: str) -> Any:
         pa = self._pa
@@ -239,7 +269,7 @@ class HFDiskReader(IndexedDataset):
             try:
                 table = self._parquet[file_index].read_row_group(row_group, columns=wanted)
             except (OSError, self._pa.ArrowException) as e:  # a damaged row group costs its rows, not the run
-                where = f"row group {row_group} of {self._parquet_paths[file_index]}"
+                where = f"row group {row_group} of {self.files[file_index]}"
                 raise SampleSkipped(UNREADABLE_FILE, f"{where}: {e}") from e
             self._cache = (block, table.to_pylist())
         return self._cache[1][row - int(self._block_starts[block])]
