@@ -17,6 +17,9 @@ class ToyWorldData(IndexedDataset):
     """Training split of the toy world as a dataset: captions (pretrain), edits and subject pairs (instruct).
     Held-out combinations never appear here (the world guarantees it for the train split)."""
 
+    def data_files(self) -> list[str]:
+        return []  # drawn from the data.toyworld_* settings and the seed: no files
+
     def __init__(
         self,
         world: ToyWorld,

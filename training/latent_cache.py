@@ -7,16 +7,20 @@ encodes its own share into `rank*.safetensors` files; every process then reads t
 for checkpoints), because later epochs deal the records to the ranks differently. A key the cache does not hold
 (e.g. a record dropped at the end of epoch 0) is encoded on the fly and counted as a miss.
 
-A cache is reused when its fingerprint (decoder folder + VAE config and weight files, data options, seed, batch
-size, world size, number of batches) matches; otherwise it is rebuilt. Only deterministic targets can be cached, so
-`data.random_crop` is refused (see preflight)."""
+A cache is reused when its fingerprint (decoder folder + VAE config and weight files, data options, the size and
+mtime of every data file, seed, batch size, world size, number of batches) matches; otherwise it is rebuilt, and the
+log says which part changed. The data files are the shards, the parquet / arrow files, or the JSONL manifest and every
+image its lines name; images that an hf table names by path are not stat'ed (their rows are, through the table).
+Only deterministic targets can be cached, so `data.random_crop` is refused (see preflight)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +34,7 @@ from metaqueries_core.decoders import DecoderAdapter
 from .batches import to_model_batch
 from .config import RunConfig
 from .config_io import config_to_dict
+from .data import SampleDataset
 from .preflight import SetupError
 
 log = logging.getLogger(__name__)
@@ -74,13 +79,39 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str, sort_keys=True))
 
 
-def fingerprint(cfg: RunConfig, decoder: DecoderAdapter, world_size: int) -> dict[str, Any]:
-    """Everything that decides which latents a cache holds and what their values are."""
+def dataset_files(data: SampleDataset) -> list[str]:
+    """The files whose contents decide the samples of ``data``; a cache made while they were different is stale."""
+    files = data.data_files()
+    if files is None:
+        raise SetupError(
+            f"data.cache_latents cannot tell when the files of a {type(data).__name__} change (it does not list "
+            "them): set data.cache_latents=false"
+        )
+    return files
+
+
+def files_digest(paths: Iterable[str]) -> dict[str, Any]:
+    """Count and sha256 of every file's path, size and mtime (stat only: cheap even for millions of images)."""
+    digest = hashlib.sha256()
+    count = 0
+    for path in paths:
+        try:
+            st = os.stat(path)
+            entry = f"{path}\t{st.st_size}\t{st.st_mtime_ns}\n"
+        except (FileNotFoundError, NotADirectoryError):  # the reader skips it; its appearing later changes the data
+            entry = f"{path}\tmissing\n"
+        digest.update(entry.encode())
+        count += 1
+    return {"files": count, "sha256": digest.hexdigest()}
+
+
+def fingerprint(cfg: RunConfig, decoder: DecoderAdapter, world_size: int, data: SampleDataset) -> dict[str, Any]:
+    """Everything that decides which latents a cache holds and what their values are (``data``: the run's dataset)."""
     vae_dir = decoder.source / "vae" if decoder.source is not None else None
     files = []
     if vae_dir is not None and vae_dir.is_dir():
         files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in vae_dir.iterdir() if p.is_file())
-    data = {k: v for k, v in config_to_dict(cfg.data).items() if k not in ("cache_latents", "latent_cache_dir")}
+    options = {k: v for k, v in config_to_dict(cfg.data).items() if k not in ("cache_latents", "latent_cache_dir")}
     return _plain(
         {
             "version": CACHE_VERSION,
@@ -88,7 +119,8 @@ def fingerprint(cfg: RunConfig, decoder: DecoderAdapter, world_size: int) -> dic
             "vae_config": dict(decoder.vae.config),
             "vae_files": files,
             "dtype": str(decoder.dtype),
-            "data": data,
+            "data": options,
+            "data_files": files_digest(dataset_files(data)),
             "stage": cfg.train.stage,
             "seed": cfg.train.seed,
             "batch_size": cfg.train.batch_size,
@@ -102,19 +134,32 @@ def cache_folder(cfg: RunConfig) -> Path:
     return Path(cfg.data.latent_cache_dir or Path(cfg.train.output_dir) / "latent_cache")
 
 
+def stale_because(found: dict[str, Any] | None, want: dict[str, Any]) -> str:
+    """Why a cache whose manifest holds fingerprint ``found`` (None: no manifest) cannot serve ``want``."""
+    if found is None:
+        return "it has no manifest (an interrupted build)"
+    changed = sorted(k for k in found.keys() | want.keys() if found.get(k) != want.get(k))
+    if "data_files" in changed:
+        return f"the dataset's files changed since it was made (size or mtime); all differences: {changed}"
+    return f"it was made for another configuration; differences: {changed}"
+
+
 def prepare_latent_cache(cfg: RunConfig, decoder: DecoderAdapter, acc: Accelerator) -> LatentCache:
     """Reuse a matching cache or build one (all processes take part); returns the merged cache on every process."""
+    from .datasets import open_training_data
+
     folder = cache_folder(cfg)
-    want = fingerprint(cfg, decoder, acc.num_processes)
+    want = fingerprint(cfg, decoder, acc.num_processes, open_training_data(cfg, rank=0, world_size=1))
     manifest = folder / MANIFEST
-    reuse = manifest.is_file() and json.loads(manifest.read_text()).get("fingerprint") == want
+    found = json.loads(manifest.read_text()).get("fingerprint", {}) if manifest.is_file() else None
+    reuse = found == want
     acc.wait_for_everyone()  # every process has decided from the same manifest before anyone changes it
     if reuse:
         log.info("reusing the latent cache in %s", folder)
     else:
         if acc.is_main_process:
             if folder.exists():
-                log.info("the latent cache in %s was made for another configuration; rebuilding it", folder)
+                log.info("rebuilding the latent cache in %s: %s", folder, stale_because(found, want))
                 shutil.rmtree(folder)
             folder.mkdir(parents=True)
         acc.wait_for_everyone()

@@ -104,6 +104,11 @@ class SampleDataset(ABC):
     def _records(self, epoch: int, start: int) -> Iterator[Record | StreamError]:
         """This rank's records of ``epoch`` in order, starting at position ``start`` (earlier ones not decoded)."""
 
+    def data_files(self) -> list[str] | None:
+        """The files whose contents decide this dataset's samples (a latent cache made while they differed is
+        stale); None when a reader cannot tell."""
+        return None
+
     def iter_from(self, epoch: int, start_index: int = 0) -> EpochIterator:
         """Iterate epoch ``epoch`` from position ``start_index`` (a saved ``EpochIterator.position``)."""
         if epoch < 0 or start_index < 0:

@@ -69,6 +69,22 @@ class JsonlReader(IndexedDataset):
     def num_rows(self) -> int:
         return len(self._lines)
 
+    def data_files(self) -> list[str]:
+        """The manifest and every image path its lines name for this stage (unparsable lines name none: the
+        manifest's own size and mtime cover them)."""
+        fields = ("image",) if self.stage == "pretrain" else ("source_images", "target")
+        paths = [self.path]
+        for _, line in self._lines:
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            values = [entry.get(field) for field in fields] if isinstance(entry, dict) else []
+            for value in values:
+                names = value if isinstance(value, list) else [value]
+                paths += [os.path.join(self.base_dir, n) for n in names if isinstance(n, str) and n]
+        return paths
+
     def _row_key(self, row: int) -> str:
         return f"{os.path.basename(self.path)}:{self._lines[row][0]}"
 
