@@ -1,9 +1,6 @@
 #!/usr/bin/env bash
-# Sets up a virtual environment (CPU torch from the local wheel, the pack with its dev extra) and runs the test suite.
+# Sets up a virtual environment (torch 2.13.0, the pack with its dev extra; see venv.sh) and runs the test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=${VENV:-.venv}
-[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-"$VENV/bin/python" -m pip install --quiet torch==2.13.0
-"$VENV/bin/python" -m pip install --quiet -e ".[dev]"
+source scripts/venv.sh "[dev]"
 exec "$VENV/bin/python" -m pytest -q "$@"
