@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .world import COLOURS, REGION_CENTRES, RELATIONS, Box, Scene
+from .world import COLOURS, HELDOUT_COMBOS, REGION_CENTRES, RELATIONS, Box, Scene
 
 FG_THRESHOLD = 80  # brightest channel; noise of sigma 20 clears it on ~0.4 % of background pixels (specks)
 # Soft shape weights ramp from 30 % to 100 % of an object's peak brightness: noise that lifted background pixels
@@ -249,6 +249,10 @@ def score_image(image: Image.Image | np.ndarray, scene: Scene) -> dict[str, bool
     # stricter than GenEval, and not part of "all": what the scene claims and nothing else (a picture of blobs can
     # pass "all" by one blob matching while the rest are noise)
     res["exact"] = res["all"] and len(comps) == len(scene.objects)
+    # a relation holds wherever the pair stands, so a held-out relation prompt can be passed without drawing the
+    # held-out combination its canonical scene claims: report whether the right images drew it (not part of "all")
+    if scene.layout == "relation" and (claimed := scene.claimed_combos() & set(HELDOUT_COMBOS)):
+        res["heldout_drawn"] = res["all"] and claimed <= {(c.colour, c.shape, c.position) for c in comps}
     return res
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -36,7 +37,7 @@ from metaqueries_core.toyworld import (
 )
 from metaqueries_core.toyworld.world import _refer
 
-KEYS = ("colour", "shape", "position", "count", "all", "exact")
+KEYS = ("colour", "shape", "position", "count", "all", "exact", "heldout_drawn")  # the last: held-out relations
 
 
 def _texts_and_bytes(world: ToyWorld, split: str = "train", n: int = 12) -> list:
@@ -305,6 +306,30 @@ def test_exact_fails_an_extra_object_that_all_lets_pass():
     )
     scores = score_image(img, p.scene)
     assert scores["all"] and not scores["exact"]
+
+
+def test_heldout_relation_prompts_report_whether_the_heldout_combination_was_drawn():
+    """A relation holds wherever the pair stands, so "all" can pass a held-out relation prompt with seen
+    combinations only; `heldout_drawn` tells the two apart (and is absent for prompts that claim none)."""
+    from metaqueries_core.toyworld.world import HELDOUT_COMBOS, POSITIONS, Scene
+
+    w, rng = ToyWorld(32, seed=0), np.random.default_rng(0)
+    prompts = w.eval_prompts("two_object", 40)
+    seen = next(p for p in prompts if not p.heldout)
+    assert "heldout_drawn" not in score_image(render(seen.scene, 32, rng), seen.scene)
+    detours = 0
+    for p in (q for q in prompts if q.heldout):
+        assert score_image(render(p.scene, 32, rng), p.scene)["heldout_drawn"]  # the canonical layout draws it
+        a, b = p.scene.objects
+        for ra, rb in itertools.permutations(POSITIONS, 2):
+            moved = Scene((replace(a, position=ra), replace(b, position=rb)))
+            if moved.combos() & set(HELDOUT_COMBOS):
+                continue
+            scores = score_image(render(moved, 32, rng), p.scene)
+            if scores["all"]:  # right by the relation, without the held-out combination
+                assert not scores["heldout_drawn"], (p.prompt, ra, rb)
+                detours += 1
+    assert detours > 0
 
 
 @pytest.mark.parametrize("size", [32, 64])
