@@ -12,6 +12,7 @@ import torch
 from metaqueries_core.checkpoint import apply_decoder_state, check_compatible, load_checkpoint
 from metaqueries_core.decoders import DecoderAdapter, load_decoder
 from metaqueries_core.importers.openuni import load_openuni
+from metaqueries_core.importers.reference import is_reference_folder, load_reference
 from metaqueries_core.mllm import MLLMAdapter, load_mllm
 
 from . import comfy_env
@@ -81,7 +82,8 @@ class LoadCheckpoint:
     DESCRIPTION = (
         "Loads a MetaQuery checkpoint (.safetensors under models/metaqueries/): the learnable queries, the connector "
         "and, when the decoder was fine-tuned, its decoder weights (connect this to Load Diffusion Decoder to use them)."
-        " An OpenUni .pth there is imported as it loads (for InternVL3 in its -hf form)."
+        " An OpenUni .pth there is imported as it loads (for InternVL3 in its -hf form), and so is a checkpoint folder"
+        " of the MetaQuery reference trainer (config.json with model_type metaquery; load its base MLLM next to it)."
     )
     CATEGORY = f"{CATEGORY}/loaders"
     RETURN_TYPES = (CHECKPOINT,)
@@ -94,10 +96,14 @@ class LoadCheckpoint:
         files = [
             n for s in (".safetensors", OPENUNI_SUFFIX) for n in comfy_env.list_files(comfy_env.CHECKPOINT_KEYS, s)
         ]
-        what = "MetaQuery checkpoint (.safetensors) under models/metaqueries/, or an OpenUni .pth (imported on load)."
+        folders = comfy_env.list_folders(comfy_env.CHECKPOINT_KEYS, is_reference_folder)
+        what = (
+            "MetaQuery checkpoint (.safetensors) under models/metaqueries/, or one imported on load: an OpenUni .pth, "
+            "or a reference trainer checkpoint folder."
+        )
         return {
             "required": {
-                "checkpoint_name": (sorted(files), tip(what)),
+                "checkpoint_name": (sorted(files + folders), tip(what)),
                 **_placement_inputs("queries and connector"),
             }
         }
@@ -105,8 +111,8 @@ class LoadCheckpoint:
     def load(self, checkpoint_name: str, dtype: str, device: str) -> tuple[MetaQueryCheckpoint]:
         path = comfy_env.resolve(comfy_env.CHECKPOINT_KEYS, checkpoint_name, "MetaQuery checkpoint")
         torch_dtype, torch_device = _placement(dtype, device)
-        if path.suffix == OPENUNI_SUFFIX:
-            config, head, decoder_state = load_openuni(path)
+        if path.suffix == OPENUNI_SUFFIX or path.is_dir():
+            config, head, decoder_state = load_openuni(path) if path.is_file() else load_reference(path)
             head = head.to(device=torch_device, dtype=torch_dtype)
         else:
             config, head, decoder_state = load_checkpoint(path, device=torch_device, dtype=torch_dtype)

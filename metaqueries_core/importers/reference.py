@@ -25,7 +25,8 @@ import torch
 
 from ..checkpoint import MetaQueryConfig, Stage
 from ..connector import ConnectorConfig
-from .output import DecoderChoice, check_request, importer_parser, run_import, write_imported
+from ..head import MetaQueryHead
+from .output import DecoderChoice, build_head, check_request, importer_parser, run_import, write_imported
 from .weights import WeightsFolder
 
 log = logging.getLogger(__name__)
@@ -176,20 +177,21 @@ def decoder_trained(trainer_config: dict) -> bool:
     return DECODER.rstrip(".") not in frozen
 
 
-def import_reference(
-    folder: str | Path,
-    out: str | Path,
-    *,
-    decoder: DecoderChoice = "auto",
-    stage: Stage = "pretrain",
-    overwrite: bool = False,
-) -> MetaQueryConfig:
-    """Write the reference checkpoint in `folder` as this pack's checkpoint `out`; returns its config.
+def is_reference_folder(folder: Path) -> bool:
+    """Whether `folder` holds a reference trainer checkpoint (its config.json says model_type "metaquery"); for
+    listing, so an unreadable config.json just means no."""
+    config = folder / "config.json"
+    try:
+        return config.is_file() and json.loads(config.read_text()).get("model_type") == MODEL_TYPE
+    except (OSError, ValueError, AttributeError):
+        return False
 
-    decoder: "auto" takes the denoiser's weights when the reference trained them, "include" / "skip" always / never.
-    """
-    folder, out = Path(folder), Path(out)
-    check_request(out, overwrite, decoder)
+
+def reference_parts(
+    folder: Path, stage: Stage = "pretrain"
+) -> tuple[MetaQueryConfig, dict[str, torch.Tensor], WeightsFolder, bool]:
+    """(config, head state, the folder's weights, whether the reference trained its decoder) of the checkpoint in
+    `folder`; the decoder tensors are read only by the caller that wants them."""
     trainer_config = read_trainer_config(folder)
     weights = WeightsFolder(folder)
     num_queries = int(trainer_config["num_metaqueries"])
@@ -217,7 +219,32 @@ def import_reference(
         extra={"imported_from": "facebookresearch/metaquery trainer", "source": folder.name},
     )
     head_state = {"queries.queries": queries, "queries.lead": lead, **{f"connector.{k}": v for k, v in state.items()}}
-    take_decoder = decoder == "include" or (decoder == "auto" and decoder_trained(trainer_config))
+    return config, head_state, weights, decoder_trained(trainer_config)
+
+
+def load_reference(folder: str | Path) -> tuple[MetaQueryConfig, MetaQueryHead, dict[str, torch.Tensor]]:
+    """The reference checkpoint in `folder` read in memory, as `load_checkpoint` reads ours: (config, head, the
+    fine-tuned decoder's state when the reference trained it, else empty)."""
+    config, head_state, weights, trained = reference_parts(Path(folder))
+    return config, build_head(config, head_state), weights.under(DECODER) if trained else {}
+
+
+def import_reference(
+    folder: str | Path,
+    out: str | Path,
+    *,
+    decoder: DecoderChoice = "auto",
+    stage: Stage = "pretrain",
+    overwrite: bool = False,
+) -> MetaQueryConfig:
+    """Write the reference checkpoint in `folder` as this pack's checkpoint `out`; returns its config.
+
+    decoder: "auto" takes the denoiser's weights when the reference trained them, "include" / "skip" always / never.
+    """
+    folder, out = Path(folder), Path(out)
+    check_request(out, overwrite, decoder)
+    config, head_state, weights, trained = reference_parts(folder, stage)
+    take_decoder = decoder == "include" or (decoder == "auto" and trained)
     write_imported(out, config, head_state, weights.under(DECODER) if take_decoder else None)
     return config
 

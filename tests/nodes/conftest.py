@@ -24,6 +24,7 @@ from make_example_models import (  # noqa: E402
     write_example_inputs,
     write_openuni_pth,
 )
+from reference_kit import write_reference_folder  # noqa: E402
 
 from nodes import comfy_env  # noqa: E402
 
@@ -31,6 +32,7 @@ SD15_TINY = "tiny-sd15"  # the core tiny SD1.5 decoder (text width 32)
 SD15_TINY_CHECKPOINT = "tiny-sd15.safetensors"
 WRONG_WIDTH_CHECKPOINT = "for-a-wider-mllm.safetensors"
 NESTED_MLLM = "org/nested-qwen"
+REFERENCE_NAME = "reference-run/checkpoint-1000"  # a reference trainer checkpoint folder, imported on load
 
 
 @contextlib.contextmanager
@@ -81,6 +83,7 @@ def models_root(tmp_path_factory, mllm_folder, decoder_loader):
         for name, kw in checkpoints.items():
             write_checkpoint(root / "metaqueries" / name, **kw)
         write_openuni_pth(root / "metaqueries" / OPENUNI_NAME, mllm_width=64, text_width=sana.text_width)
+        write_reference_folder(root / "metaqueries" / REFERENCE_NAME, mllm_dir, sana.source, num_queries=4, depth=1)
         write_example_inputs(root.parent / f"{root.name}_input")
 
     assert not comfy_env.IN_COMFYUI  # the lookup falls back to $METAQUERIES_MODELS_DIR/<key folder>

@@ -62,7 +62,7 @@ def test_seed_gets_the_frontend_control_widget():
 
 
 def test_loaders_list_the_models_folders(models_root):
-    from conftest import NESTED_MLLM, SD15_TINY
+    from conftest import NESTED_MLLM, REFERENCE_NAME, SD15_TINY
 
     mllms = NODE_CLASS_MAPPINGS["MetaQueries_LoadMLLM"].INPUT_TYPES()["required"]["mllm_name"][0]
     checkpoints = NODE_CLASS_MAPPINGS["MetaQueries_LoadCheckpoint"].INPUT_TYPES()["required"]["checkpoint_name"][0]
@@ -71,7 +71,9 @@ def test_loaders_list_the_models_folders(models_root):
         ["metaqueries-toy-qwen2_5_vl", "metaqueries-toy-internvl", NESTED_MLLM]
     )  # LLM + text_encoders
     assert "metaqueries-toy.safetensors" in checkpoints and "metaqueries-toy-openuni.pth" in checkpoints
-    assert all(c.endswith((".safetensors", ".pth")) for c in checkpoints)  # .pth: OpenUni's, imported on load
+    assert REFERENCE_NAME in checkpoints  # a reference trainer folder, imported on load
+    others = [c for c in checkpoints if c != REFERENCE_NAME]
+    assert all(c.endswith((".safetensors", ".pth")) for c in others)  # .pth: OpenUni's, imported on load
     assert decoders == sorted(["metaqueries-toy-sana", SD15_TINY])
 
 

@@ -159,3 +159,28 @@ def test_edit_branches_map_onto_core_dual_cfg_guider(loaded, monkeypatch):
     cfg1, cfg2 = 7.5, 1.25
     dual_cfg = neg + cfg2 * (img - neg) + cfg1 * (pos - img)
     torch.testing.assert_close(combine(branches, seen["guidance"]).float().cpu(), dual_cfg)
+
+
+def test_a_reference_trainer_folder_loads_and_generates(loaded, models_root):
+    """Dropped into models/metaqueries/, a reference trainer checkpoint folder loads as the head the importer
+    writes, brings its fine-tuned Sana to Load Diffusion Decoder, and generates."""
+    from conftest import REFERENCE_NAME, SANA_NAME
+
+    from metaqueries_core.importers.reference import load_reference
+    from nodes import LoadCheckpoint, LoadDecoder
+
+    (checkpoint,) = LoadCheckpoint().load(REFERENCE_NAME, "fp32", "cpu")
+    config, head, decoder_state = load_reference(models_root / "metaqueries" / REFERENCE_NAME)
+    assert checkpoint.config == config and checkpoint.config.lead_slots == 1 and checkpoint.decoder_state
+    states = torch.randn(2, config.num_queries, config.mllm_width)
+    torch.testing.assert_close(checkpoint.head.connect(states)[0], head.float().connect(states)[0])
+    (decoder,) = LoadDecoder().load(SANA_NAME, "fp32", "cpu", checkpoint=checkpoint)
+    tuned = {k: v.float() for k, v in decoder_state.items()}
+    assert all(torch.equal(decoder.denoiser.state_dict()[k], v) for k, v in tuned.items())
+    loaded = {**loaded, "reference": checkpoint}
+    pos, neg = (
+        conditioning(loaded, "a red circle", checkpoint="reference"),
+        conditioning(loaded, "", checkpoint="reference"),
+    )
+    image, _ = sample(decoder, pos, neg)
+    assert image.shape == (1, 32, 32, 3) and image.isfinite().all()
