@@ -8,7 +8,7 @@
 #  2. tiny_pretrain -> resume -> tiny_instruct with training.run on the GPU (bf16, fused AdamW), timed, and the
 #     prefix-cache benchmark (benchmarks/train_step.py) on CUDA in bf16;
 #  3. the same pretraining under `accelerate launch` with the FSDP2 and DDP configs, one process each;
-#  4. the toy job shortened (the README's quick check), then the full default job with the time that is left.
+#  4. the toy job shortened (teach 20, autoencoder 20, pretrain 30, instruct 10 steps), then the full default job with the time that is left.
 # Writes summary.txt (one line per step: rc, seconds) and one log per step into OUT_DIR.
 set -uo pipefail
 OUT=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR [SECONDS]}

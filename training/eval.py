@@ -2,7 +2,8 @@
 
 `python -m training.eval MODELS_DIR [--key=value ...]` scores the models a toy job exported (MLLM folder, decoder
 folder, checkpoint) with that job's settings (its `toyjob.yaml` next to MODELS_DIR; the defaults without one), any
-ToyJobConfig field overridden like the job's own (`--eval_samples=1`, `--seed=1`).
+scoring settings overridden like the job's own (`--eval_samples=1`, `--image_guidance=3`; settings of the trained
+models, such as `--seed` or `--image_size`, are refused).
 """
 
 from __future__ import annotations

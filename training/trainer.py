@@ -363,8 +363,8 @@ def restore(run: Run, cfg: RunConfig, root: Path) -> tuple[Progress, bool]:
     elif problems := resume_problems(state["config"], cfg, state["step"]):
         raise SetupError(
             f"train.resume: this config does not continue the run of {latest}: " + "; ".join(problems) + ". Resume "
-            "with the run's settings (only paths, logging, saving, sampling, train.steps and the learning rates "
-            "may change), or start a new run from an export via model.init_checkpoint"
+            "with the run's settings (only paths, logging, saving, sampling, train.steps, the learning rates and "
+            "speed / memory switches may change), or start a new run from an export via model.init_checkpoint"
         )
     rates = current_rates(run.scheduler)
     acc.load_state(str(latest))
