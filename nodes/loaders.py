@@ -93,10 +93,13 @@ class LoadCheckpoint:
 
     @classmethod
     def INPUT_TYPES(cls):
-        files = [
-            n for s in (".safetensors", OPENUNI_SUFFIX) for n in comfy_env.list_files(comfy_env.CHECKPOINT_KEYS, s)
-        ]
         folders = comfy_env.list_folders(comfy_env.CHECKPOINT_KEYS, is_reference_folder)
+        files = [  # a reference folder's own weight shards are no checkpoints of their own
+            n
+            for s in (".safetensors", OPENUNI_SUFFIX)
+            for n in comfy_env.list_files(comfy_env.CHECKPOINT_KEYS, s)
+            if not any(n.startswith(f"{folder}/") for folder in folders)
+        ]
         what = (
             "MetaQuery checkpoint (.safetensors) under models/metaqueries/, or one imported on load: an OpenUni .pth, "
             "or a reference trainer checkpoint folder."
@@ -112,7 +115,11 @@ class LoadCheckpoint:
         path = comfy_env.resolve(comfy_env.CHECKPOINT_KEYS, checkpoint_name, "MetaQuery checkpoint")
         torch_dtype, torch_device = _placement(dtype, device)
         if path.suffix == OPENUNI_SUFFIX or path.is_dir():
-            config, head, decoder_state = load_openuni(path) if path.is_file() else load_reference(path)
+            try:
+                config, head, decoder_state = load_openuni(path) if path.is_file() else load_reference(path)
+            except (ValueError, KeyError) as e:  # the importers name what is wrong, not always the file
+                what = "OpenUni checkpoint" if path.is_file() else "reference trainer checkpoint folder"
+                raise ValueError(f"{what} {checkpoint_name!r} cannot be imported: {e}") from e
             head = head.to(device=torch_device, dtype=torch_dtype)
         else:
             config, head, decoder_state = load_checkpoint(path, device=torch_device, dtype=torch_dtype)
@@ -166,9 +173,8 @@ class LoadDecoder:
                 try:
                     apply_decoder_state(decoder, checkpoint.decoder_state)
                 except ValueError as e:
-                    trained = checkpoint.config.decoder_name or "unrecorded"
-                    raise ValueError(
-                        f"{checkpoint.name!r} was trained with decoder {trained!r}, not {decoder_name!r}: {e}"
-                    ) from e
+                    trained = checkpoint.config.decoder_name
+                    other = f" (it was trained with decoder {trained!r})" if trained and trained != decoder_name else ""
+                    raise ValueError(f"{checkpoint.name!r} does not fit decoder {decoder_name!r}{other}: {e}") from e
                 decoder.weights_from = checkpoint.name
         return (decoder,)

@@ -214,7 +214,7 @@ def test_a_checkpoint_that_tuned_its_decoder_needs_its_weights_in_the_decoder(lo
     image, _ = run_sample(decoder, positive, negative)
     assert image.isfinite().all()
     wrong = replace(tuned, decoder_state={k: v[..., :1] if v.ndim else v for k, v in weights.items()})
-    with pytest.raises(ValueError, match=r"'tuned.safetensors' was trained with decoder .*: .* of the wrong shape"):
+    with pytest.raises(ValueError, match=r"'tuned.safetensors' does not fit decoder .*: .* of the wrong shape"):
         LoadDecoder().load(SANA_NAME, "auto", "auto", checkpoint=wrong)
 
 
@@ -224,3 +224,13 @@ def test_rgba_images_are_composited_on_white_as_in_training():
     (pil,) = image_to_pil(rgba)
     pixels = torch.tensor(list(pil.getdata())).view(4, 4, 3)
     assert (pixels[:2] == 0).all() and (pixels[2:] == 255).all()
+
+
+def test_a_checkpoint_that_cannot_be_imported_on_load_is_named(models_root):
+    broken = models_root / "metaqueries" / "broken.pth"  # queries, but no connector or projector
+    torch.save({"meta_queries": torch.zeros(4, 64)}, broken)
+    try:
+        with pytest.raises(ValueError, match=r"OpenUni checkpoint 'broken.pth' cannot be imported: .*projector"):
+            LoadCheckpoint().load("broken.pth", "auto", "auto")
+    finally:
+        broken.unlink()

@@ -71,7 +71,8 @@ def test_loaders_list_the_models_folders(models_root):
         ["metaqueries-toy-qwen2_5_vl", "metaqueries-toy-internvl", NESTED_MLLM]
     )  # LLM + text_encoders
     assert "metaqueries-toy.safetensors" in checkpoints and "metaqueries-toy-openuni.pth" in checkpoints
-    assert REFERENCE_NAME in checkpoints  # a reference trainer folder, imported on load
+    assert REFERENCE_NAME in checkpoints  # a reference trainer folder, imported on load; its shards are not listed
+    assert not any(c.startswith(f"{REFERENCE_NAME}/") for c in checkpoints)
     others = [c for c in checkpoints if c != REFERENCE_NAME]
     assert all(c.endswith((".safetensors", ".pth")) for c in others)  # .pth: OpenUni's, imported on load
     assert decoders == sorted(["metaqueries-toy-sana", SD15_TINY])
