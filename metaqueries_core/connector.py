@@ -59,6 +59,8 @@ class ConnectorConfig:
             raise ValueError(f"pos_embed {self.pos_embed!r} not in ['none', 'rope']")
         if self.depth < 0:
             raise ValueError(f"depth must be >= 0, got {self.depth}")
+        if self.heads is not None and self.heads < 1:
+            raise ValueError(f"heads must be >= 1 (or None: width / 64), got {self.heads}")
         if self.out_norm_eps <= 0:
             raise ValueError(f"out_norm_eps must be > 0, got {self.out_norm_eps}")
         if self.num_slots < 0:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pickle
 import re
 import sys
 from pathlib import Path
@@ -30,8 +29,17 @@ import torch
 from ..checkpoint import MetaQueryConfig, Stage
 from ..connector import ConnectorConfig
 from ..head import MetaQueryHead
-from ..mllm import read_model_type
-from .output import DecoderChoice, build_head, check_request, importer_parser, run_import, write_imported
+from ..mllm import adapter_for, read_model_type
+from .output import (
+    DecoderChoice,
+    build_head,
+    check_request,
+    importer_parser,
+    positive_int,
+    run_import,
+    write_imported,
+)
+from .weights import load_weights_only
 
 RELEASED_FAMILY = "internvl"  # the MLLM of every released OpenUni model (InternVL3-1B / 2B, -hf form)
 TEMPLATE = "<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n<img>"
@@ -44,12 +52,10 @@ def read_state(path: Path) -> dict[str, torch.Tensor]:
     """The checkpoint's state dict, read with weights_only (no code runs), without a DeepSpeed `module.` prefix."""
     if not path.is_file():
         raise FileNotFoundError(f"OpenUni checkpoint {str(path)!r} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
-        raise ValueError(f"{str(path)!r} is not a readable weights-only torch file: {e}") from e
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
+    state = load_weights_only(path)
+    for wrapper in ("state_dict", "model", "module"):  # how training scripts commonly wrap a state dict
+        if isinstance(state, dict) and "meta_queries" not in state and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
     if not isinstance(state, dict) or "meta_queries" not in {k.removeprefix("module.") for k in state}:
         raise ValueError(f"{str(path)!r} is not an OpenUni checkpoint: it has no 'meta_queries' tensor")
     return {k.removeprefix("module."): v for k, v in state.items()}
@@ -104,10 +110,13 @@ def connector_config(state: dict[str, torch.Tensor], mllm_width: int, heads: int
 
 
 def mllm_facts(folder: Path) -> tuple[str, int]:
-    """(model_type, language-model width) of a local MLLM folder, from its config.json."""
+    """(model_type, language-model width) of a local MLLM folder, from its config.json: a family this pack loads
+    (adapter_for names the supported ones, and what to load instead of InternVL's remote-code layout)."""
     family = read_model_type(folder)
+    adapter_for(family)
     config = json.loads((folder / "config.json").read_text())
-    width = config.get("text_config", config).get("hidden_size")
+    text = config.get("text_config") or config
+    width = text.get("hidden_size") if isinstance(text, dict) else None
     if not isinstance(width, int):
         raise ValueError(f"{str(folder / 'config.json')!r} names no hidden_size for its language model")
     return family, width
@@ -130,6 +139,8 @@ def openuni_parts(
     """(config, head state, fine-tuned Sana state (maybe empty)) of an OpenUni state dict, for an MLLM of this
     family and width."""
     queries = state["meta_queries"]  # (N, D)
+    if not torch.is_tensor(queries):
+        raise ValueError(f"the checkpoint's meta_queries is a {type(queries).__name__}, not a tensor")
     if queries.ndim != 2 or queries.shape[1] != width:
         raise ValueError(
             f"the checkpoint's queries {tuple(queries.shape)} do not fit MLLM {mllm_name!r} of width {width}; "
@@ -186,7 +197,7 @@ def import_openuni(
     "skip" leaves them out.
     """
     checkpoint, out, mllm = Path(checkpoint), Path(out), Path(mllm)
-    check_request(out, overwrite, decoder)
+    check_request(out, overwrite, decoder, checkpoint)
     family, width = mllm_facts(mllm)
     config, head_state, tuned = openuni_parts(
         read_state(checkpoint), family=family, width=width, heads=heads, mllm_name=mllm.name, source=checkpoint.name
@@ -205,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
         "OpenUni's .pth file",
     )
     parser.add_argument("--mllm", required=True, help="the transformers-native InternVL3 folder it was trained on")
-    parser.add_argument("--heads", type=int, default=None, help="connector heads (default: width / 64, as OpenUni)")
+    parser.add_argument(
+        "--heads", type=positive_int, default=None, help="connector heads (default: width / 64, as OpenUni)"
+    )
     a = parser.parse_args(argv)
     return run_import(
         lambda: import_openuni(

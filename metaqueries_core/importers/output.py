@@ -19,11 +19,15 @@ DECODER_CHOICES = ("auto", "include", "skip")  # an importer's `decoder`: the fi
 DecoderChoice = Literal["auto", "include", "skip"]
 
 
-def check_request(out: Path, overwrite: bool, decoder: str) -> None:
-    """What an importer checks before reading anything: a known `decoder` choice, and no file at `out` unless
-    overwriting was asked for."""
+def check_request(out: Path, overwrite: bool, decoder: str, source: Path) -> None:
+    """What an importer checks before reading anything: a known `decoder` choice, an output `.safetensors` path
+    that is not (inside) the `source`, and no file at `out` unless overwriting was asked for."""
     if decoder not in DECODER_CHOICES:
         raise ValueError(f"decoder {decoder!r} not in {list(DECODER_CHOICES)}")
+    if out.resolve() == source.resolve() or source.resolve() in out.resolve().parents:
+        raise ValueError(f"the output {str(out)!r} would overwrite or sit inside the checkpoint being imported")
+    if out.suffix != ".safetensors":
+        raise ValueError(f"the output {str(out)!r} must be a .safetensors file (this pack's checkpoint format)")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{str(out)!r} exists; choose another path or allow overwriting")
 
@@ -62,6 +66,14 @@ def summary(out: str, config: MetaQueryConfig) -> str:
         f"({config.mllm_name or 'the one it was trained on'}) and decoder "
         f"({config.decoder_name or 'the one it was trained on'}) folders."
     )
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def importer_parser(prog: str, description: str, source_help: str) -> argparse.ArgumentParser:

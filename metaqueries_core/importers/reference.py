@@ -59,13 +59,19 @@ def read_trainer_config(folder: Path) -> dict:
         data = json.loads(config.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{str(config)!r} is not valid JSON: {e}") from e
-    if data.get("model_type") != MODEL_TYPE:
+    if not isinstance(data, dict) or data.get("model_type") != MODEL_TYPE:
+        found = data.get("model_type") if isinstance(data, dict) else f"none (a JSON {type(data).__name__})"
         raise ValueError(
-            f"{str(config)!r} has model_type {data.get('model_type')!r}; a reference MetaQuery checkpoint has "
-            f"{MODEL_TYPE!r}"
+            f"{str(config)!r} has model_type {found!r}; a reference MetaQuery checkpoint has {MODEL_TYPE!r}"
         )
-    if int(data.get("num_metaqueries", 0)) < 1:
-        raise ValueError(f"{str(config)!r} has num_metaqueries {data.get('num_metaqueries')!r}: no queries to import")
+    for key, required in (
+        ("num_metaqueries", True),
+        ("connector_num_hidden_layers", False),
+        ("max_input_text_tokens", False),
+    ):
+        value = data.get(key)
+        if (required or value is not None) and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{str(config)!r} has {key} {value!r}; it must be a whole number >= 1")
     return data
 
 
@@ -194,7 +200,7 @@ def reference_parts(
     `folder`; the decoder tensors are read only by the caller that wants them."""
     trainer_config = read_trainer_config(folder)
     weights = WeightsFolder(folder)
-    num_queries = int(trainer_config["num_metaqueries"])
+    num_queries = trainer_config["num_metaqueries"]
     lead, queries = slot_rows(weights, num_queries)
     state = connector_state(weights)
     dec_family = decoder_family(weights, state["proj.0.weight"].shape[0])
@@ -211,7 +217,7 @@ def reference_parts(
         decoder_text_width=connector.out_width,
         stage=stage,
         system_prompt=trainer_config.get("system_prompt"),
-        max_prompt_tokens=int(trainer_config.get("max_input_text_tokens", 256)),
+        max_prompt_tokens=trainer_config.get("max_input_text_tokens") or 256,
         prompt_suffix="\n",
         lead_slots=1,
         mllm_name=Path(str(trainer_config.get("mllm_id", ""))).name,
@@ -242,7 +248,7 @@ def import_reference(
     decoder: "auto" takes the denoiser's weights when the reference trained them, "include" / "skip" always / never.
     """
     folder, out = Path(folder), Path(out)
-    check_request(out, overwrite, decoder)
+    check_request(out, overwrite, decoder, folder)
     config, head_state, weights, trained = reference_parts(folder, stage)
     take_decoder = decoder == "include" or (decoder == "auto" and trained)
     write_imported(out, config, head_state, weights.under(DECODER) if take_decoder else None)

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import pickle
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -25,6 +27,22 @@ def open_safetensors(path: Path):
         raise ValueError(f"{str(path)!r} is not a readable .safetensors file: {e}") from e
 
 
+def load_weights_only(path: Path) -> Any:
+    """A torch file read with weights_only (no pickled code runs): memory-mapped when it is the zip format
+    torch.save writes, read whole when it is the legacy format, which cannot be mapped."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        raise ValueError(f"{str(path)!r} is not a readable weights-only torch file: {e}") from e
+
+
+def tensor_dict(value: Any, path: Path) -> dict[str, torch.Tensor]:
+    """`value` checked to be a state dict (names -> tensors), as read from `path`."""
+    if not isinstance(value, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in value.items()):
+        raise ValueError(f"{str(path)!r} does not hold a state dict (names -> tensors) but a {type(value).__name__}")
+    return value
+
+
 class WeightsFolder:
     """Key -> tensor access over the weight files of one folder; each file opens on first use."""
 
@@ -37,9 +55,12 @@ class WeightsFolder:
         for index in (SAFETENSORS_INDEX, BIN_INDEX):
             if (self.folder / index).is_file():
                 try:
-                    return dict(json.loads((self.folder / index).read_text())["weight_map"])
+                    weight_map = json.loads((self.folder / index).read_text())["weight_map"]
                 except (json.JSONDecodeError, KeyError, TypeError) as e:
                     raise ValueError(f"{str(self.folder / index)!r} has no readable 'weight_map': {e}") from e
+                if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                    raise ValueError(f"{str(self.folder / index)!r}: 'weight_map' must map tensor names to file names")
+                return weight_map
         if (self.folder / SAFETENSORS).is_file():
             with open_safetensors(self.folder / SAFETENSORS) as f:
                 return dict.fromkeys(f.keys(), SAFETENSORS)
@@ -52,11 +73,14 @@ class WeightsFolder:
 
     def _bin(self, name: str) -> dict[str, torch.Tensor]:
         if name not in self._bins:
-            try:
-                self._bins[name] = torch.load(self.folder / name, map_location="cpu", weights_only=True, mmap=True)
-            except (RuntimeError, pickle.UnpicklingError) as e:
-                raise ValueError(f"{str(self.folder / name)!r} is not a readable weights-only torch file: {e}") from e
+            self._bins[name] = tensor_dict(load_weights_only(self.folder / name), self.folder / name)
         return self._bins[name]
+
+    def _bin_tensor(self, name: str, key: str) -> torch.Tensor:
+        tensors = self._bin(name)
+        if key not in tensors:
+            raise ValueError(f"{str(self.folder / name)!r} lacks {key!r}, which the folder's index places there")
+        return tensors[key]
 
     def keys(self) -> list[str]:
         return list(self.file_of)
@@ -75,7 +99,7 @@ class WeightsFolder:
                 with open_safetensors(self.folder / name) as f:
                     out.update({k: f.get_tensor(k) for k in names})
             else:
-                out.update({k: self._bin(name)[k] for k in names})
+                out.update({k: self._bin_tensor(name, k) for k in names})
         return out
 
     def _file(self, key: str) -> str:
@@ -92,14 +116,14 @@ class WeightsFolder:
         if name.endswith(".safetensors"):
             with open_safetensors(self.folder / name) as f:
                 return f.get_slice(key)[start:stop]
-        return self._bin(name)[key][start:stop].clone()
+        return self._bin_tensor(name, key)[start:stop].clone()
 
     def shape(self, key: str) -> tuple[int, ...]:
         name = self._file(key)
         if name.endswith(".safetensors"):
             with open_safetensors(self.folder / name) as f:
                 return tuple(f.get_slice(key).get_shape())
-        return tuple(self._bin(name)[key].shape)
+        return tuple(self._bin_tensor(name, key).shape)
 
     def under(self, prefix: str) -> dict[str, torch.Tensor]:
         """Every tensor whose key starts with `prefix`, keyed without it."""

@@ -228,3 +228,29 @@ def test_a_pickle_that_would_run_code_is_refused_unrun(mllm_folder, tmp_path):
     with pytest.raises(ValueError, match="not a readable weights-only torch file"):
         load_openuni(tmp_path / "evil.pth")
     assert not marker.exists()
+
+
+def test_outputs_wrappers_legacy_files_and_mllm_folders(mllm_folder, mllm_loader, decoder_loader, tmp_path, capsys):
+    mllm, decoder = mllm_loader(FAMILY), decoder_loader("sana")
+    folder = mllm_folder(FAMILY)
+    pth = write_pth(tmp_path / "ok.pth", OpenUniHead(mllm.width, decoder.text_width))
+    before = pth.read_bytes()
+    with pytest.raises(ValueError, match="would overwrite or sit inside the checkpoint being imported"):
+        import_openuni(pth, pth, mllm=folder, overwrite=True)
+    with pytest.raises(ValueError, match=r"must be a \.safetensors file"):
+        import_openuni(pth, tmp_path / "converted.pth", mllm=folder)
+    assert pth.read_bytes() == before  # the source survives
+    state = torch.load(pth, weights_only=True)
+    for wrapper in ("model", "module"):  # how training scripts often save: nested one level down
+        torch.save({wrapper: state, "step": 5}, tmp_path / f"{wrapper}.pth")
+        assert import_openuni(tmp_path / f"{wrapper}.pth", tmp_path / f"{wrapper}.safetensors", mllm=folder)
+    torch.save(state, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)  # cannot be memory-mapped
+    assert import_openuni(tmp_path / "legacy.pth", tmp_path / "legacy.safetensors", mllm=folder)
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    (remote / "config.json").write_text('{"model_type": "internvl_chat", "llm_config": {"hidden_size": 64}}')
+    with pytest.raises(ValueError, match="remote-code layout; load its transformers-native '-hf' folder"):
+        import_openuni(pth, tmp_path / "remote.safetensors", mllm=remote)
+    with pytest.raises(SystemExit):
+        main([str(pth), str(tmp_path / "h.safetensors"), f"--mllm={folder}", "--heads=-1"])
+    assert "--heads: must be >= 1" in capsys.readouterr().err

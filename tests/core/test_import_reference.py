@@ -225,3 +225,23 @@ def test_load_reference_reads_in_memory_what_import_writes(reference, tmp_path):
     assert decoder_state.keys() == saved_decoder.keys() and all(
         torch.equal(decoder_state[k], saved_decoder[k]) for k in saved_decoder
     )
+
+
+@pytest.mark.parametrize(
+    "change, says",
+    [
+        (lambda c: [c], r"model_type 'none \(a JSON list\)'"),
+        (lambda c: {**c, "num_metaqueries": "eight"}, r"num_metaqueries 'eight'; it must be a whole number >= 1"),
+        (lambda c: {**c, "connector_num_hidden_layers": "2"}, r"connector_num_hidden_layers '2'; it must be a whole"),
+        (lambda c: {**c, "max_input_text_tokens": 0}, r"max_input_text_tokens 0; it must be a whole number >= 1"),
+    ],
+)
+def test_config_values_of_the_wrong_kind_are_named(reference, tmp_path, change, says):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(reference[0] / "checkpoint-1000", folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(change(config)))
+    with pytest.raises(ValueError, match=says):
+        import_reference(folder, tmp_path / "x.safetensors")
+    assert main([str(folder), str(tmp_path / "x.safetensors")]) == 2  # one error line, no traceback
+    assert not (tmp_path / "x.safetensors").exists()
