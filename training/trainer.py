@@ -7,8 +7,8 @@ import os
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +71,7 @@ class Progress:
     step: int = 0
     epoch: int = 0  # this process's data epoch and position (records consumed, skipped ones included)
     position: int = 0
+    window: list[float] = field(default_factory=list)  # micro-batch losses since the last logged step
 
 
 class NonFinite(Exception):
@@ -134,11 +135,13 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     data: SampleDataset
     cache: LatentCache | None
+    resume: tuple[Path, dict] | None  # the checkpoint to continue and its state (checked), or None: from step 0
 
 
 def setup(cfg: RunConfig) -> Run:
     """Accelerator, data, frozen models, the head, what trains, the latent cache, optimizer; all prepared."""
     acc = make_accelerator(cfg, Path(cfg.train.output_dir))
+    resume = find_resume(acc, cfg, Path(cfg.train.output_dir) / "checkpoints")  # refused before anything is loaded
     set_seed(cfg.train.seed)
     try:  # data first: a wrong layout or path fails in a second, before the models load
         data = open_training_data(cfg, rank=acc.process_index, world_size=acc.num_processes)
@@ -161,7 +164,7 @@ def setup(cfg: RunConfig) -> Run:
     optimizer, scheduler = make_optimizer(roles, cfg.optim, cfg.train.steps)
     module = TrainStep(head, mllm, decoder, prefix_cache=cfg.train.prefix_cache)
     module, optimizer, scheduler = acc.prepare(module, optimizer, scheduler)
-    return Run(acc, mllm, decoder, head, module, optimizer, scheduler, data, cache)
+    return Run(acc, mllm, decoder, head, module, optimizer, scheduler, data, cache, resume)
 
 
 def train(cfg: RunConfig) -> Path:
@@ -169,7 +172,7 @@ def train(cfg: RunConfig) -> Path:
     check_run(cfg)
     run = setup(cfg)
     acc, out, ckpt_root = run.acc, Path(cfg.train.output_dir), Path(cfg.train.output_dir) / "checkpoints"
-    progress, resumed = restore(run, cfg, ckpt_root)
+    progress, resumed = restore(run)
     if acc.is_main_process:
         save_config(cfg, out / "config.yaml")
         if acc.log_with:
@@ -183,7 +186,7 @@ def train(cfg: RunConfig) -> Path:
     bar = tqdm(
         total=cfg.train.steps, initial=progress.step, disable=not acc.is_local_main_process, desc=cfg.train.stage
     )
-    t_log, seen, window, loss = time.perf_counter(), 0, [], float("nan")
+    t_log, seen, loss = time.perf_counter(), 0, float("nan")
     while progress.step < cfg.train.steps:
         for micro in range(cfg.train.grad_accum):
             samples, (progress.epoch, progress.position), _ = next(batches)
@@ -195,20 +198,21 @@ def train(cfg: RunConfig) -> Path:
             except NonFinite as e:
                 raise diverged(e, progress.step + 1, ckpt_root) from None
             seen += len(samples)
-            window.append(micro_loss)
+            progress.window.append(micro_loss)
         progress.step += 1
         bar.update(1)
         if progress.step % cfg.train.log_every == 0 or progress.step == cfg.train.steps:
             rate = seen * acc.num_processes / (time.perf_counter() - t_log)  # over the logging window
             # the largest group LR: with optim.head_hold_steps the queries' group sits at 0 while the decoder trains
             lr = max(run.scheduler.get_last_lr())
-            record = {"step": progress.step, "loss": float(np.mean(window)), "lr": lr}
+            record = {"step": progress.step, "loss": float(np.mean(progress.window)), "lr": lr}
             record.update(grad_norm=grad_norm, samples_per_s=rate, epoch=progress.epoch, position=progress.position)
-            record.update(sum_skips(acc, run.data.skips.counts))  # a collective: every process is at this step
-            record.update(run.cache.metrics() if run.cache else {})
+            # collectives: every process is at this step
+            record.update({f"skipped/{k}": v for k, v in summed(acc, run.data.skips.counts).items()})
+            record.update(summed(acc, run.cache.metrics()) if run.cache else {})  # this session's hits and misses
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", sps=f"{rate:.1f}")
             metrics.write(record)
-            t_log, seen, window, loss = time.perf_counter(), 0, [], record["loss"]
+            t_log, seen, progress.window, loss = time.perf_counter(), 0, [], record["loss"]
         if cfg.train.checkpoint_every and progress.step % cfg.train.checkpoint_every == 0:
             if progress.step < cfg.train.steps:  # the last step is exported instead
                 save_training_state(acc, ckpt_root, progress, dict(run.data.skips.counts), cfg)
@@ -308,12 +312,12 @@ def iter_batches_from(
         epoch, position = epoch + 1, 0
 
 
-def sum_skips(acc: Accelerator, counts: Counter[str]) -> dict[str, int]:
-    """Skipped-record counts of all processes, summed, as `skipped/<reason>` metrics (a collective)."""
+def summed(acc: Accelerator, counts: Mapping[str, int]) -> dict[str, int]:
+    """Counts of all processes, summed, in key order (a collective: call on every process)."""
     total: Counter[str] = Counter()
     for part in gather_object([dict(counts)]):
         total.update(part)
-    return {f"skipped/{k}": v for k, v in sorted(total.items())}
+    return dict(sorted(total.items()))
 
 
 def save_training_state(
@@ -327,7 +331,8 @@ def save_training_state(
         shutil.rmtree(tmp)
     acc.wait_for_everyone()
     acc.save_state(str(tmp))
-    ranks = gather_object([{"epoch": progress.epoch, "position": progress.position, "skips": skips}])
+    mine = {"epoch": progress.epoch, "position": progress.position, "skips": skips, "loss_window": progress.window}
+    ranks = gather_object([mine])
     acc.wait_for_everyone()
     if acc.is_main_process:
         state = {"step": progress.step, "world_size": acc.num_processes, "ranks": ranks, "config": config_to_dict(cfg)}
@@ -335,10 +340,9 @@ def save_training_state(
     acc.wait_for_everyone()
 
 
-def restore(run: Run, cfg: RunConfig, root: Path) -> tuple[Progress, bool]:
-    """With `train.resume`, load the newest complete checkpoint into the prepared objects; -> (progress, resumed).
-    The config must continue the checkpoint's run (`resume_check`); its learning rates apply from there."""
-    acc = run.acc
+def find_resume(acc: Accelerator, cfg: RunConfig, root: Path) -> tuple[Path, dict] | None:
+    """With `train.resume`, the newest complete checkpoint and its state, checked against this run (process count,
+    config: `resume_check`) before any data, model or latent cache is touched; None to start at step 0."""
     if acc.is_main_process:
         for stale in checkpoints.remove_leftovers(root):
             log.warning("removed %s, the unfinished save of a killed run", stale)
@@ -350,7 +354,7 @@ def restore(run: Run, cfg: RunConfig, root: Path) -> tuple[Progress, bool]:
     if latest is None:
         if cfg.train.resume:
             log.info("train.resume: no checkpoint in %s yet, starting at step 0", root)
-        return Progress(), False
+        return None
     state = checkpoints.read_state(latest)
     if state["world_size"] != acc.num_processes:
         raise SetupError(
@@ -366,13 +370,24 @@ def restore(run: Run, cfg: RunConfig, root: Path) -> tuple[Progress, bool]:
             "with the run's settings (only paths, logging, saving, sampling, train.steps, the learning rates and "
             "speed / memory switches may change), or start a new run from an export via model.init_checkpoint"
         )
+    return latest, state
+
+
+def restore(run: Run) -> tuple[Progress, bool]:
+    """Load the checkpoint `find_resume` chose into the prepared objects; -> (progress, resumed). Its learning
+    rates are the config's from there on."""
+    if run.resume is None:
+        return Progress(), False
+    latest, state = run.resume
+    acc = run.acc
     rates = current_rates(run.scheduler)
     acc.load_state(str(latest))
     set_base_rates(run.scheduler, rates)  # the config's rates, not the checkpoint's (e.g. lowered after a divergence)
     mine = state["ranks"][acc.process_index]
     run.data.skips.counts.update(mine["skips"])
     log.info("resumed from %s at step %d", latest, state["step"])
-    return Progress(state["step"], mine["epoch"], mine["position"]), True
+    # the losses since the last logged step, so the first record after the resume averages the same window
+    return Progress(state["step"], mine["epoch"], mine["position"], list(mine.get("loss_window", []))), True
 
 
 def finish(run: Run, cfg: RunConfig, sample_data: SampleDataset | None, loss: float) -> Path:

@@ -217,3 +217,34 @@ def test_a_metrics_line_cut_short_by_a_kill_does_not_block_the_resume(tmp_path):
     path.write_text('{"step": 1, "loss": 1.0}\nnot json\n{"step": 2, "loss": 0.9}\n')  # damage, not a kill
     with pytest.raises(ValueError, match=r"metrics.jsonl line 2 is not a JSON record"):
         MetricsLog(main_process, path, resume_step=2)
+
+
+def test_a_refused_resume_stops_before_data_models_or_the_latent_cache(folders, tmp_path, monkeypatch, capsys):
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    common = ("--train.steps=4", "--train.checkpoint_every=2", "--data.cache_latents=true")
+    run(folders, out, *common, f"--data.latent_cache_dir={cache}")
+    manifest = next(cache.glob("*.json"))
+    before = manifest.stat().st_mtime_ns
+
+    def never(*a, **k):
+        raise AssertionError("the models were loaded before the resume was checked")
+
+    monkeypatch.setattr(trainer, "load_models", never)
+    refused = main(
+        args(folders, out, *common, f"--data.latent_cache_dir={cache}", "--train.resume=true", "--train.seed=5")
+    )
+    assert refused == 1 and "train.seed: checkpoint 0, now 5" in capsys.readouterr().err
+    assert manifest.stat().st_mtime_ns == before and manifest.exists()  # the shared cache was left alone
+
+
+def test_a_logged_loss_after_a_resume_averages_the_whole_window(folders, tmp_path, monkeypatch):
+    # logged every 3 steps, saved every 2: the resume from step 4 must bring step 4's loss into step 6's record
+    common = ("--train.steps=6", "--train.log_every=3", "--train.checkpoint_every=2")
+    run(folders, tmp_path / "straight", *common)
+    interrupt_at_call(monkeypatch, 6)
+    with pytest.raises(KeyboardInterrupt):
+        run(folders, tmp_path / "split", *common)
+    monkeypatch.undo()
+    run(folders, tmp_path / "split", *common, "--train.resume=true")
+    a, b = read_metrics(tmp_path / "straight" / "metrics.jsonl"), read_metrics(tmp_path / "split" / "metrics.jsonl")
+    assert [r["step"] for r in b] == [3, 6] and [r["loss"] for r in a] == [r["loss"] for r in b]
