@@ -57,7 +57,8 @@ def test_webdataset_resume_after_broken_shards_is_exact(tmp_path, rank, world_si
     for sample in full:
         keys.append(sample.key)
         saved.append((full.position, Counter(full.skips.counts)))
-    assert full.skips.counts["unreadable_shard"] >= 1  # the broken shards are in this rank's part
+    if split_by == "shard":  # each rank reads its own shards (split by sample, one rank reports each error)
+        assert full.skips.counts["unreadable_shard"] >= 1  # the broken shards are in this rank's part
     for n, (position, skips_before) in enumerate(saved):
         resumed = dataset().iter_from(1, position)
         assert [s.key for s in resumed] == keys[n + 1 :], f"resumed at {position}"
@@ -81,3 +82,19 @@ def test_a_truncation_is_reported_by_the_run_that_reads_past_it(tmp_path):
     before, after = ds.iter_from(0, 2), ds.iter_from(0, 3)  # saved after '005' (cut record next) and after '008'
     assert [s.key for s in before] == ["008", "009", "010", "011"] and before.skips.counts == {"unreadable_shard": 1}
     assert [s.key for s in after] == ["009", "010", "011"] and after.skips.counts == {}
+
+
+def test_a_broken_shard_is_counted_once_however_many_ranks_read_it(tmp_path):
+    """Split by sample every rank reads every shard; the summed count must not grow with the process count."""
+    folder = broken_shards(tmp_path)
+
+    def unreadable(rank: int, world_size: int) -> int:
+        it = open_dataset(
+            "webdataset", str(folder), "pretrain", seed=5, rank=rank, world_size=world_size, split_by="sample"
+        ).iter_from(0)
+        for _ in it:
+            pass
+        return it.skips.counts["unreadable_shard"]
+
+    alone = unreadable(0, 1)
+    assert alone == 2 and unreadable(0, 2) + unreadable(1, 2) == alone  # the cut shard and the non-tar file

@@ -186,7 +186,9 @@ class _RankCursor:
     ``position`` counts this rank's records exactly as ``EpochIterator.position`` does, so that resuming at ``start``
     reads nothing before it. A tar error ends its shard inside the last record asked about; that record never becomes a
     Record, so it gives its position back, and the error belongs between two positions: it is reported only when it
-    lies at or after ``start`` (one before ``start`` was counted by the run that saved ``start``).
+    lies at or after ``start`` (one before ``start`` was counted by the run that saved ``start``), and by one rank:
+    the one whose record it cut (rank 0 for an error before a shard's first record), so that the count summed over
+    processes does not grow with their number.
     """
 
     def __init__(self, start: int, *, rank: int, world_size: int) -> None:
@@ -196,27 +198,31 @@ class _RankCursor:
         self.position = 0  # this rank's records so far
         self.seen = 0  # records of all ranks so far (the split_by='sample' deal)
         self.open_record_is_mine = False  # the last record asked about, in the current shard, is this rank's
+        self.opened = False  # a record of the current shard has been asked about
 
     def start_shard(self) -> None:
         """A new shard begins: an error before its first record belongs to no record."""
         self.open_record_is_mine = False
+        self.opened = False
 
     def wanted(self) -> bool:
         """Called once per record in order: is it this rank's, and at or after ``start`` (so worth reading)?"""
         mine = self.seen % self.world_size == self.rank
         self.seen += 1
-        self.open_record_is_mine = mine
+        self.open_record_is_mine, self.opened = mine, True
         if not mine:
             return False
         self.position += 1
         return self.position > self.start
 
     def tar_error(self) -> bool:
-        """A tar error ended the current shard; True when it should be reported (it lies at or after ``start``)."""
+        """A tar error ended the current shard; True when this rank should report it (its record, or rank 0's before
+        any record, at or after ``start``)."""
+        reporter = self.open_record_is_mine or (not self.opened and self.rank == 0)
         if self.open_record_is_mine:
             self.position -= 1  # the record it cut short takes no position
             self.open_record_is_mine = False
-        return self.position >= self.start
+        return reporter and self.position >= self.start
 
 
 class WebDatasetReader(SampleDataset):
