@@ -19,7 +19,7 @@ import math
 import os
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal, TypeVar, Union
 
 import yaml
@@ -29,6 +29,7 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "describe_keys",
+    "leaf_values",
     "load_config",
     "parse_override",
     "save_config",
@@ -120,15 +121,26 @@ def save_config(obj: Any, path: str | os.PathLike[str]) -> None:
 
 def describe_keys(obj: Any, prefix: str = "") -> list[str]:
     """One line per leaf key of a config object, dotted under its sections: ``key  (type; default value)``."""
-    lines = []
+    return [
+        f"{key}  ({_type_name(hint)}; default {config_to_dict(value)!r})" for key, hint, value in _leaves(obj, prefix)
+    ]
+
+
+def leaf_values(obj: Any) -> dict[str, Any]:
+    """Every leaf key of a config object, dotted under its sections, with its plain value (as ``config_to_dict``
+    writes it; a mapping-valued field is one value)."""
+    return {key: config_to_dict(value) for key, _, value in _leaves(obj, "")}
+
+
+def _leaves(obj: Any, prefix: str) -> Iterator[tuple[str, Any, Any]]:
+    """(dotted key, type hint, value) of every leaf of a config object, in field order."""
     hints = _hints(type(obj))
     for name in _init_fields(type(obj)):
         key, value = _join(prefix, name), getattr(obj, name)
         if dataclasses.is_dataclass(value):
-            lines += describe_keys(value, key)
+            yield from _leaves(value, key)
         else:
-            lines.append(f"{key}  ({_type_name(hints[name])}; default {config_to_dict(value)!r})")
-    return lines
+            yield key, hints[name], value
 
 
 # ----------------------------------------------------------------------------------------------------- internals

@@ -7,10 +7,9 @@ at the checkpoint's step) may differ; anything else would silently make the rest
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
-from .config_io import config_to_dict
+from .config_io import config_from_dict, leaf_values
 
 # Keys (dotted) a resumed run may change. Numerically neutral switches (gradient checkpointing, prefix cache, latent
 # cache) are here too: they change memory and speed, not the result.
@@ -47,37 +46,17 @@ MAY_CHANGE = frozenset(
 )
 
 
-def section_names(obj: Any, prefix: str = "") -> set[str]:
-    """Dotted names of the dataclass sections inside config `obj` (model, model.connector, data, ...)."""
-    names: set[str] = set()
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            name = f"{prefix}{f.name}"
-            names |= {name} | section_names(value, f"{name}.")
-    return names
-
-
-def flatten(tree: dict[str, Any], sections: set[str], prefix: str = "") -> dict[str, Any]:
-    """A config as nested dicts -> {"section.key": value}; a mapping-valued field (a caption mix) is one value."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if name in sections and isinstance(value, dict):
-            out.update(flatten(value, sections, f"{name}."))
-        else:
-            out[name] = value
-    return out
-
-
 def resume_problems(saved: dict[str, Any], cfg: Any, step: int) -> list[str]:
     """Why `cfg` cannot continue the run whose checkpoint at `step` was trained with `saved` (its config as a dict)."""
-    sections = section_names(cfg)
-    before, now = flatten(saved, sections), flatten(config_to_dict(cfg), sections)
+    try:
+        before = leaf_values(config_from_dict(type(cfg), saved))
+    except ValueError as e:  # a ConfigError: written by a version with other config keys
+        return [f"the checkpoint's config does not read as this version's: {e}"]
+    now = leaf_values(cfg)
     problems = [
-        f"{key}: checkpoint {before.get(key)!r}, now {now.get(key)!r}"
-        for key in sorted(set(before) | set(now))
-        if key not in MAY_CHANGE and before.get(key) != now.get(key)
+        f"{key}: checkpoint {before[key]!r}, now {now[key]!r}"
+        for key in now
+        if key not in MAY_CHANGE and before[key] != now[key]
     ]
     if cfg.train.steps <= step:
         problems.append(f"train.steps: {cfg.train.steps} leaves nothing to train after the checkpoint's step {step}")

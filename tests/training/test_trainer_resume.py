@@ -248,3 +248,17 @@ def test_a_logged_loss_after_a_resume_averages_the_whole_window(folders, tmp_pat
     run(folders, tmp_path / "split", *common, "--train.resume=true")
     a, b = read_metrics(tmp_path / "straight" / "metrics.jsonl"), read_metrics(tmp_path / "split" / "metrics.jsonl")
     assert [r["step"] for r in b] == [3, 6] and [r["loss"] for r in a] == [r["loss"] for r in b]
+
+
+def test_resume_problems_name_each_difference_and_a_config_of_another_version():
+    from training.config_io import config_to_dict
+    from training.resume_check import resume_problems
+
+    cfg = load_config(RunConfig, None, ["--train.steps=10"])
+    saved = config_to_dict(cfg)
+    assert resume_problems(saved, cfg, 4) == []
+    moved = load_config(RunConfig, None, ["--train.steps=10", "--train.batch_size=3", "--optim.lr=1e-5"])
+    assert resume_problems(saved, moved, 4) == ["train.batch_size: checkpoint 16, now 3"]  # the rate may change
+    other = {**saved, "train": {**saved["train"], "retired_key": 1}}
+    (problem,) = resume_problems(other, cfg, 4)
+    assert "does not read as this version's" in problem and "retired_key" in problem
