@@ -172,15 +172,18 @@ class MLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
+def layer_norm(cfg: ConnectorConfig) -> nn.Module:
+    """The norm of the encoder's layers (and of its end, with final_norm): LayerNorm in the SigLIP style, RMSNorm in
+    the Qwen2-based ones."""
+    if cfg.layer_style == "siglip":
+        return nn.LayerNorm(cfg.inner_width, eps=1e-6)
+    return RMSNorm(cfg.inner_width, eps=1e-6)
+
+
 class EncoderLayer(nn.Module):
     def __init__(self, cfg: ConnectorConfig) -> None:
         super().__init__()
-        norm = (
-            (lambda: RMSNorm(cfg.inner_width, eps=1e-6))
-            if cfg.layer_style != "siglip"
-            else (lambda: nn.LayerNorm(cfg.inner_width, eps=1e-6))
-        )
-        self.norm1, self.attn, self.norm2, self.mlp = norm(), Attention(cfg), norm(), MLP(cfg)
+        self.norm1, self.attn, self.norm2, self.mlp = layer_norm(cfg), Attention(cfg), layer_norm(cfg), MLP(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))  # (B, N, W)
@@ -199,7 +202,7 @@ class Connector(nn.Module):
         if not cfg.depth or not cfg.final_norm:
             self.norm = nn.Identity()
         else:
-            self.norm = RMSNorm(w, eps=1e-6) if cfg.layer_style != "siglip" else nn.LayerNorm(w, eps=1e-6)
+            self.norm = layer_norm(cfg)
         if cfg.projection == "mlp_norm":
             self.proj = nn.Sequential(
                 nn.Linear(w, cfg.out_width),
