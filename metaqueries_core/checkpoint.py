@@ -164,7 +164,7 @@ def check_compatible(config: MetaQueryConfig, *, mllm: Any | None = None, decode
     """Raise naming every mismatch between a checkpoint's config and the loaded MLLM adapter / decoder adapter."""
     problems = []
     if mllm is not None:
-        family = mllm.model.config.model_type
+        family = mllm.family
         if family != config.mllm_family:
             problems.append(f"MLLM family: checkpoint {config.mllm_family!r}, loaded {family!r}")
         if mllm.width != config.mllm_width:
@@ -191,7 +191,7 @@ def apply_decoder_state(decoder: Any, state: dict[str, torch.Tensor]) -> None:
 def config_for(head: MetaQueryHead, *, mllm: Any, decoder: Any, stage: Stage = "pretrain") -> MetaQueryConfig:
     """The checkpoint config describing `head` trained between this MLLM adapter and this decoder adapter."""
     return MetaQueryConfig(
-        mllm_family=mllm.model.config.model_type,
+        mllm_family=mllm.family,
         mllm_width=mllm.width,
         decoder_family=decoder.family,
         decoder_text_width=decoder.text_width,
