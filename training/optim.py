@@ -99,12 +99,10 @@ def set_base_rates(scheduler: Any, rates: list[float]) -> None:
     sched = _lambda_lr(scheduler)
     if len(rates) != len(sched.base_lrs):
         raise ValueError(f"{len(rates)} rates for {len(sched.base_lrs)} parameter groups")
-    changed = [(g["name"], old, new) for g, old, new in zip(sched.optimizer.param_groups, sched.base_lrs, rates)]
-    for name, old, new in changed:
-        if old != new:
-            log.info("%s: learning rate %g (the checkpoint trained at %g)", name, new, old)
-    sched.base_lrs = list(rates)
-    for group, base, schedule in zip(sched.optimizer.param_groups, rates, sched.lr_lambdas):
+    for group, old, base, schedule in zip(sched.optimizer.param_groups, sched.base_lrs, rates, sched.lr_lambdas):
+        if old != base:
+            log.info("%s: learning rate %g (the checkpoint trained at %g)", group["name"], base, old)
         group["initial_lr"] = base
         group["lr"] = base * schedule(sched.last_epoch)
+    sched.base_lrs = list(rates)
     sched._last_lr = [group["lr"] for group in sched.optimizer.param_groups]
