@@ -196,7 +196,7 @@ def encode_share(cfg: RunConfig, decoder: DecoderAdapter, acc: Accelerator, fold
             index.update({key: (name, str(len(index) + i)) for i, key in enumerate(pending)})
             pending.clear()
 
-    for n, (samples, (epoch, _), _) in enumerate(iter_batches_from(data, cfg, 0, 0)):
+    for n, (samples, (epoch, _, _)) in enumerate(iter_batches_from(data, cfg, 0, 0)):
         if n >= limit or epoch > 0:
             break
         mb = to_model_batch(samples)

@@ -7,7 +7,7 @@ import os
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +28,7 @@ from . import checkpoints
 from .batches import ModelBatch, drop_conditions, to_model_batch
 from .config import RunConfig
 from .config_io import config_to_dict, save_config
-from .data import NoUsableSampleError, SampleDataset, iter_batches
+from .data import Batches, NoUsableSampleError, SampleDataset
 from .data.samples import Sample
 from .datasets import open_training_data
 from .latent_cache import LatentCache, prepare_latent_cache
@@ -71,6 +71,7 @@ class Progress:
     step: int = 0
     epoch: int = 0  # this process's data epoch and position (records consumed, skipped ones included)
     position: int = 0
+    waiting: list[int] = field(default_factory=list)  # positions read but not batched yet (bucketed batching)
     window: list[float] = field(default_factory=list)  # micro-batch losses since the last logged step
 
 
@@ -182,14 +183,14 @@ def train(cfg: RunConfig) -> Path:
     grids = acc.is_main_process and cfg.train.sample_every and cfg.train.stage == "instruct"
     sample_data = open_training_data(cfg, rank=0, world_size=1) if grids else None
 
-    batches = iter_batches_from(run.data, cfg, progress.epoch, progress.position)
+    batches = iter_batches_from(run.data, cfg, progress.epoch, progress.position, progress.waiting)
     bar = tqdm(
         total=cfg.train.steps, initial=progress.step, disable=not acc.is_local_main_process, desc=cfg.train.stage
     )
     t_log, seen, loss = time.perf_counter(), 0, float("nan")
     while progress.step < cfg.train.steps:
         for micro in range(cfg.train.grad_accum):
-            samples, (progress.epoch, progress.position), _ = next(batches)
+            samples, (progress.epoch, progress.position, progress.waiting) = next(batches)
             seed = step_seed(cfg.train.seed, progress.step, acc.process_index, micro)
             try:
                 micro_loss, grad_norm = accumulate(
@@ -295,21 +296,23 @@ def accumulate(
 
 
 def iter_batches_from(
-    data, cfg: RunConfig, epoch: int, position: int
-) -> Iterator[tuple[list[Sample], tuple[int, int], dict[str, int]]]:
-    """Endless batches across epochs; yields (samples, (epoch, position after them), this process's skip counts)."""
+    data, cfg: RunConfig, epoch: int, position: int, waiting: Sequence[int] = ()
+) -> Iterator[tuple[list[Sample], tuple[int, int, list[int]]]]:
+    """Endless batches across epochs from a saved data position; yields (samples, (epoch, position, waiting) after
+    them): what a checkpoint saves so that a resume draws exactly the batches that follow."""
     while True:
-        it = data.iter_from(epoch, position)
+        it = data.iter_from(epoch, position, waiting)
+        batches = Batches(it, cfg.train.batch_size, by_bucket=cfg.data.buckets is not None)
         produced = False
-        for samples in iter_batches(it, cfg.train.batch_size, by_bucket=cfg.data.buckets is not None):
+        for samples in batches:
             produced = True
-            yield samples, (epoch, it.position), {f"skipped/{k}": v for k, v in data.skips.counts.items()}
+            yield samples, (epoch, it.position, batches.waiting)
         if not produced and position == 0:  # a whole epoch without one full batch would loop here forever
             raise NoUsableSampleError(
                 f"epoch {epoch} of {data!r} gave {it.yielded} usable samples on this process, not enough for one "
                 f"batch of train.batch_size={cfg.train.batch_size}; skipped: {it.skips}"
             )
-        epoch, position = epoch + 1, 0
+        epoch, position, waiting = epoch + 1, 0, ()
 
 
 def summed(acc: Accelerator, counts: Mapping[str, int]) -> dict[str, int]:
@@ -331,7 +334,8 @@ def save_training_state(
         shutil.rmtree(tmp)
     acc.wait_for_everyone()
     acc.save_state(str(tmp))
-    mine = {"epoch": progress.epoch, "position": progress.position, "skips": skips, "loss_window": progress.window}
+    mine = {"epoch": progress.epoch, "position": progress.position, "waiting": progress.waiting}
+    mine.update(skips=skips, loss_window=progress.window)
     ranks = gather_object([mine])
     acc.wait_for_everyone()
     if acc.is_main_process:
@@ -387,7 +391,8 @@ def restore(run: Run) -> tuple[Progress, bool]:
     run.data.skips.counts.update(mine["skips"])
     log.info("resumed from %s at step %d", latest, state["step"])
     # the losses since the last logged step, so the first record after the resume averages the same window
-    return Progress(state["step"], mine["epoch"], mine["position"], list(mine.get("loss_window", []))), True
+    data = mine["epoch"], mine["position"], list(mine.get("waiting", []))
+    return Progress(state["step"], *data, list(mine.get("loss_window", []))), True
 
 
 def finish(run: Run, cfg: RunConfig, sample_data: SampleDataset | None, loss: float) -> Path:

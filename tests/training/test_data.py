@@ -9,10 +9,10 @@ import pytest
 from PIL import Image
 
 from training.data import (
+    Batches,
     CaptionSample,
     InstructSample,
     NoUsableSampleError,
-    iter_batches,
     make_buckets,
     nearest_bucket,
     open_dataset,
@@ -111,13 +111,13 @@ def test_corrupt_jpeg_is_skipped_counted_and_batches_stay_full(tmp_path):
     write_tar(tmp_path / "s.tar", recs)
     ds = open_dataset("webdataset", str(tmp_path / "s.tar"), "pretrain", shuffle=False)
     it = ds.iter_from(0)
-    batches = list(iter_batches(it, 2))
+    batches = list(Batches(it, 2))
     assert [len(b) for b in batches] == [2, 2]  # 5 usable samples: the 5th waits for a partner and is dropped
     assert keys(batches[0] + batches[1]) == ["000", "001", "003", "005"]
     assert it.skips.counts == {"decode_error": 1, "missing_caption": 1, "missing_image": 1}
     assert it.skips.as_metrics()["data/skipped/total"] == 3 and it.position == 8
     assert str(it.skips) == "3 skipped (decode_error: 1, missing_caption: 1, missing_image: 1)"
-    assert [len(b) for b in iter_batches(ds.iter_from(0), 4, drop_last=False)] == [4, 1]
+    assert [len(b) for b in Batches(ds.iter_from(0), 4, drop_last=False)] == [4, 1]
 
 
 def test_truncated_shard_is_counted_and_the_rest_is_read(tmp_path):
@@ -437,7 +437,7 @@ def test_buckets_and_bucketed_batches(tmp_path):
         lines.append({"image": f"{i}.png", "caption": f"c{i}"})
     folder = write_jsonl(tmp_path / "b", lines, images)
     ds = open_dataset("jsonl", str(folder), "pretrain", buckets=[(16, 8), (12, 12), (8, 16)])
-    batches = list(iter_batches(ds, 3, by_bucket=True))
+    batches = list(Batches(ds, 3, by_bucket=True))
     assert sorted(len(b) for b in batches) == [3, 3, 3]
     assert sorted({s.image.size for s in b}.pop() for b in batches) == [(12, 12), (16, 8), (16, 8)]
     assert all(len({s.image.size for s in b}) == 1 for b in batches)

@@ -7,12 +7,13 @@ from collections import Counter
 import pytest
 from PIL import Image
 
-from training.data import open_dataset
+from training.data import Batches, open_dataset
 
 
 def jpeg(i: int) -> bytes:
     buf = io.BytesIO()
-    Image.new("RGB", (12, 8), (i * 37 % 256, 0, 200)).save(buf, format="JPEG")
+    size = (8, 12) if i % 3 == 0 else (12, 8)  # two aspect ratios for bucketed batching
+    Image.new("RGB", size, (i * 37 % 256, 0, 200)).save(buf, format="JPEG")
     return buf.getvalue()
 
 
@@ -64,6 +65,40 @@ def test_webdataset_resume_after_broken_shards_is_exact(tmp_path, rank, world_si
         assert [s.key for s in resumed] == keys[n + 1 :], f"resumed at {position}"
         assert resumed.skips.counts + skips_before == full.skips.counts, f"resumed at {position}"
         assert resumed.position == full.position
+
+
+@pytest.mark.parametrize("rank,world_size,split_by", [(0, 1, "shard"), (1, 2, "sample")])
+def test_bucketed_batches_resume_exactly_after_broken_shards(tmp_path, rank, world_size, split_by):
+    """A checkpoint after any batch holds (position, waiting): the samples waiting in the other size's unfinished
+    batch are batched again as before, and skips between them are not counted twice."""
+    folder = broken_shards(tmp_path)
+    options = {"seed": 5, "rank": rank, "world_size": world_size, "split_by": split_by, "buckets": [(12, 8), (8, 12)]}
+
+    def batches_from(position=0, waiting=()):
+        # epoch 0 of seed 5: on rank 0 of 1 the cut shard's error falls between a waiting sample and the position
+        it = open_dataset("webdataset", str(folder), "pretrain", **options).iter_from(0, position, waiting)
+        return it, Batches(it, 2, by_bucket=True)
+
+    full, batches = batches_from()
+    saved, keys = [], []  # what a checkpoint after each batch holds
+    for batch in batches:
+        keys.append([s.key for s in batch])
+        saved.append((full.position, batches.waiting, Counter(full.skips.counts)))
+    assert sum(map(len, keys)) >= 6 and any(waiting for _, waiting, _ in saved)
+    for n, (position, waiting, skips_before) in enumerate(saved):
+        resumed, rest = batches_from(position, waiting)
+        assert [[s.key for s in b] for b in rest] == keys[n + 1 :], f"resumed at {position}, {waiting}"
+        assert resumed.skips.counts + skips_before == full.skips.counts, f"resumed at {position}, {waiting}"
+        assert resumed.position == full.position
+
+
+def test_waiting_positions_must_lie_before_the_resume_position(tmp_path):
+    ds = open_dataset("webdataset", str(broken_shards(tmp_path)), "pretrain")
+    for waiting in ([3], [1, 1], [-1]):
+        with pytest.raises(ValueError, match=r"waiting positions must be distinct and in \[0, 3\), got "):
+            ds.iter_from(0, 3, waiting)
+    with pytest.raises(TypeError, match="waiting positions need an EpochIterator"):
+        _ = Batches(ds, 2).waiting
 
 
 def test_a_truncation_is_reported_by_the_run_that_reads_past_it(tmp_path):

@@ -262,3 +262,39 @@ def test_resume_problems_name_each_difference_and_a_config_of_another_version():
     other = {**saved, "train": {**saved["train"], "retired_key": 1}}
     (problem,) = resume_problems(other, cfg, 4)
     assert "does not read as this version's" in problem and "retired_key" in problem
+
+
+def test_a_bucketed_resume_continues_exactly(folders, tmp_path, monkeypatch):
+    # wide and square images in two buckets, batches of 2: at a checkpoint a sample of one size can be waiting for
+    # a partner while batches of the other size go on; the resume must batch it exactly as the straight run did
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = []
+    for i in range(9):
+        torch.manual_seed(i)
+        h, w = (16, 64) if i % 3 == 1 else (32, 32)
+        Image.fromarray((torch.rand(h, w, 3) * 255).byte().numpy()).save(data / f"{i}.png")
+        lines.append(json.dumps({"image": f"{i}.png", "caption": f"picture {i}"}))
+    (data / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    common = (
+        "--data.kind=jsonl",
+        f"--data.path={data}",
+        "--data.buckets=[[32,32],[64,16]]",
+        "--model.decoder_mode=full",
+        "--optim.lr=1e-2",
+        "--train.steps=6",
+        "--train.checkpoint_every=3",
+    )
+    straight = run(folders, tmp_path / "straight", *common)
+
+    interrupt_at_call(monkeypatch, 5)
+    with pytest.raises(KeyboardInterrupt):
+        run(folders, tmp_path / "split", *common)
+    monkeypatch.undo()
+    state = json.loads((tmp_path / "split" / "checkpoints" / "step-00000003" / checkpoints.STATE_FILE).read_text())
+    assert state["ranks"][0]["waiting"]  # the case under test: samples held in an unfinished batch
+    resumed = run(folders, tmp_path / "split", *common, "--train.resume=true")
+
+    assert tensors_equal(load_file(straight), load_file(resumed))
+    a, b = read_metrics(tmp_path / "straight" / "metrics.jsonl"), read_metrics(tmp_path / "split" / "metrics.jsonl")
+    assert [(r["loss"], r["epoch"], r["position"]) for r in a] == [(r["loss"], r["epoch"], r["position"]) for r in b]

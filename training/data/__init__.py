@@ -4,10 +4,11 @@ Typical use in a training loop::
 
     ds = open_dataset("webdataset", "shards/{00000..00099}.tar", "pretrain", seed=0, rank=rank,
                       world_size=world, resolution=512)
-    it = ds.iter_from(epoch, start_index=saved_position)      # 0 for a fresh epoch
-    for batch in iter_batches(it, batch_size):
+    it = ds.iter_from(epoch, saved_position, saved_waiting)   # 0 and () for a fresh epoch
+    batches = Batches(it, batch_size, by_bucket=True)
+    for batch in batches:
         ...train...
-        log(it.skips.as_metrics()); checkpoint(epoch=epoch, position=it.position)
+        log(it.skips.as_metrics()); checkpoint(epoch=epoch, position=it.position, waiting=batches.waiting)
 
 Formats: ``webdataset`` (img2dataset tar shards), ``hf`` (local parquet / save_to_disk arrow; needs pyarrow) and
 ``jsonl`` (image folder + JSONL manifest). See each module for its layout and options.
@@ -20,7 +21,7 @@ import os
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from .base import EpochIterator, IndexedDataset, SampleDataset, Stage, check_stage, iter_batches
+from .base import Batches, EpochIterator, IndexedDataset, SampleDataset, Stage, check_stage
 from .samples import (
     CaptionSample,
     InstructSample,
@@ -33,6 +34,7 @@ from .samples import (
 from .transforms import make_buckets, nearest_bucket, resize_and_crop, validate_buckets
 
 __all__ = [
+    "Batches",
     "CaptionSample",
     "DatasetKind",
     "EpochIterator",
@@ -45,7 +47,6 @@ __all__ = [
     "SkipCounter",
     "Stage",
     "decode_image",
-    "iter_batches",
     "make_buckets",
     "nearest_bucket",
     "open_dataset",

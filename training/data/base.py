@@ -8,6 +8,8 @@ one raises :class:`SampleSkipped` and is counted, not yielded. Three guarantees 
 * Resume: ``EpochIterator.position`` counts the records consumed so far, *including skipped ones*; saving
   ``(epoch, position)`` with a checkpoint and calling ``iter_from(epoch, position)`` replays exactly the remaining
   samples, without decoding the ones before (skipped records would make a count of *usable* samples ambiguous).
+  Bucketed batching also saves ``Batches.waiting`` (the positions of samples held in other sizes' unfinished
+  batches); ``iter_from(epoch, position, waiting)`` yields those again first, so the batches continue exactly.
 * Rank split: all ranks compute the same order and rank ``r`` keeps every ``world_size``-th record (or shard), so
   the ranks partition the data.
 """
@@ -25,7 +27,7 @@ import numpy as np
 from .samples import CaptionSample, InstructSample, NoUsableSampleError, Sample, SampleSkipped, SkipCounter
 from .transforms import nearest_bucket, resize_and_crop, target_size, validate_buckets
 
-__all__ = ["EpochIterator", "IndexedDataset", "Record", "SampleDataset", "Stage", "StreamError", "iter_batches"]
+__all__ = ["Batches", "EpochIterator", "IndexedDataset", "Record", "SampleDataset", "Stage", "StreamError"]
 
 logger = logging.getLogger(__name__)
 
@@ -109,11 +111,15 @@ class SampleDataset(ABC):
         stale); None when a reader cannot tell."""
         return None
 
-    def iter_from(self, epoch: int, start_index: int = 0) -> EpochIterator:
-        """Iterate epoch ``epoch`` from position ``start_index`` (a saved ``EpochIterator.position``)."""
+    def iter_from(self, epoch: int, start_index: int = 0, waiting: Sequence[int] = ()) -> EpochIterator:
+        """Iterate epoch ``epoch`` from position ``start_index`` (a saved ``EpochIterator.position``), first yielding
+        again the samples at the positions ``waiting`` (a saved ``Batches.waiting``: records before ``start_index``
+        that were read but not batched yet)."""
         if epoch < 0 or start_index < 0:
             raise ValueError(f"epoch and start_index must be >= 0, got {epoch} and {start_index}")
-        return EpochIterator(self, epoch, start_index)
+        if any(not 0 <= p < start_index for p in waiting) or len(set(waiting)) != len(waiting):
+            raise ValueError(f"waiting positions must be distinct and in [0, {start_index}), got {list(waiting)}")
+        return EpochIterator(self, epoch, start_index, waiting)
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch that plain ``iter(dataset)`` runs (like DistributedSampler.set_epoch)."""
@@ -151,14 +157,17 @@ class SampleDataset(ABC):
 class EpochIterator(Iterator[Sample]):
     """Iterator over one epoch of one rank; ``position`` and ``skips`` are what to checkpoint and to log."""
 
-    def __init__(self, dataset: SampleDataset, epoch: int, start: int) -> None:
+    def __init__(self, dataset: SampleDataset, epoch: int, start: int, waiting: Sequence[int] = ()) -> None:
         self.dataset = dataset
         self.epoch = epoch
         self.start = start
-        self.position = start  # records consumed (usable or skipped): pass to iter_from to resume after them
+        # records before `start` were consumed (and their skips counted) by the run that saved it: of those only the
+        # `waiting` ones are read again, from the first of them on
+        self._replay_end, self._replay = start, frozenset(waiting)
+        self.position = min(waiting, default=start)  # records consumed (usable or skipped): what iter_from resumes
         self.yielded = 0
         self.skips = SkipCounter()
-        self._records = dataset._records(epoch, start)
+        self._records = dataset._records(epoch, self.position)
 
     def _skip(self, reason: str, key: str, detail: str) -> None:
         self.skips.add(reason, key, detail)
@@ -172,10 +181,14 @@ class EpochIterator(Iterator[Sample]):
                 if self.start == 0 and self.yielded == 0:
                     raise NoUsableSampleError(f"no usable sample in {self.dataset._where()}: {self.skips}") from None
                 raise
+            replaying = self.position < self._replay_end
             if isinstance(item, StreamError):
-                self._skip(item.reason, item.where, item.detail)
+                if not replaying:  # one met while replaying was counted by the run that saved the position
+                    self._skip(item.reason, item.where, item.detail)
                 continue
             self.position += 1
+            if replaying and self.position - 1 not in self._replay:  # batched before the checkpoint: not decoded
+                continue
             rng = np.random.default_rng([self.dataset.seed, self.epoch, *item.rng_ids])
             try:
                 sample = self.dataset.transform(item.load(rng), rng)
@@ -225,30 +238,50 @@ def _bucket_of(sample: object) -> tuple[int, int]:
     raise TypeError(f"by_bucket batching needs CaptionSample or InstructSample items, got {type(sample).__name__}")
 
 
-def iter_batches(
-    samples: Iterable[S], batch_size: int, *, by_bucket: bool = False, drop_last: bool = True
-) -> Iterator[list[S]]:
-    """Group samples into lists of exactly ``batch_size`` (skips happen upstream, so batches never shrink).
+class Batches(Iterator[list[S]]):
+    """Samples grouped into lists of exactly ``batch_size`` (skips happen upstream, so batches never shrink).
 
     With ``by_bucket`` a batch only holds samples of one image size (the target size for instruct samples), each
     size filling its own pending batch. At the end of the stream the incomplete batches are dropped (and logged) when
-    ``drop_last``, else yielded short. Log ``iterator.skips.as_metrics()`` and checkpoint ``iterator.position``
-    after each batch; with ``by_bucket``, samples waiting in other buckets at checkpoint time are not replayed.
+    ``drop_last``, else yielded short. After each batch, checkpoint the EpochIterator's ``position`` and ``waiting``
+    (the positions of the samples held in other sizes' pending batches) and log ``iterator.skips.as_metrics()``.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    pending: dict[object, list[S]] = {}
-    for sample in samples:
-        bucket = _bucket_of(sample) if by_bucket else None
-        batch = pending.setdefault(bucket, [])
-        batch.append(sample)
-        if len(batch) == batch_size:
-            del pending[bucket]
-            yield batch
-    leftovers = [batch for batch in pending.values() if batch]
-    if drop_last:
-        dropped = sum(len(batch) for batch in leftovers)
-        if dropped:
-            logger.info("dropped %d samples in incomplete batches at the end of the stream (drop_last=True)", dropped)
-        return
-    yield from leftovers
+
+    def __init__(self, samples: Iterable[S], batch_size: int, *, by_bucket: bool = False, drop_last: bool = True):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self._source = samples if isinstance(samples, EpochIterator) else None
+        self._samples = iter(samples)
+        self._batch_size, self._by_bucket, self._drop_last = batch_size, by_bucket, drop_last
+        self._pending: dict[object, list[tuple[S, int]]] = {}  # bucket -> (sample, its position) in read order
+        self._ended = False
+
+    @property
+    def waiting(self) -> list[int]:
+        """Positions of the samples read but not batched yet (always empty without ``by_bucket``)."""
+        if self._source is None:
+            raise TypeError("waiting positions need an EpochIterator (dataset.iter_from(...)) as the samples")
+        return sorted(p for batch in self._pending.values() for _, p in batch)
+
+    def __next__(self) -> list[S]:
+        if not self._ended:
+            for sample in self._samples:
+                position = self._source.position - 1 if self._source is not None else -1
+                bucket = _bucket_of(sample) if self._by_bucket else None
+                batch = self._pending.setdefault(bucket, [])
+                batch.append((sample, position))
+                if len(batch) == self._batch_size:
+                    del self._pending[bucket]
+                    return [s for s, _ in batch]
+            self._end_of_stream()
+        if not self._pending:
+            raise StopIteration
+        return [s for s, _ in self._pending.pop(next(iter(self._pending)))]  # drop_last=False: the short ones
+
+    def _end_of_stream(self) -> None:
+        self._ended = True
+        dropped = sum(len(batch) for batch in self._pending.values())
+        if self._drop_last and dropped:
+            logger.info("dropped %d samples in incomplete batches at the end of the stream (drop_last)", dropped)
+        if self._drop_last:
+            self._pending.clear()

@@ -3,7 +3,7 @@
 Square centre crops throw away the sides of every landscape photo (and the prompt often describes what was cut).
 Buckets instead keep a handful of target sizes of (roughly) equal pixel area but different aspect ratios; each image
 goes to the bucket whose aspect ratio is closest to its own, so little is cropped, and since all buckets cost about the
-same compute, batches stay balanced. Batches are formed from one bucket only (see ``iter_batches(by_bucket=True)``),
+same compute, batches stay balanced. Batches are formed from one bucket only (see ``Batches(by_bucket=True)``),
 because a batch tensor needs one shape.
 """
 
