@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from diffusers.configuration_utils import FrozenDict
 from mq_testutil import MLLM_FAMILIES, VISION_FAMILIES
 from PIL import Image
 
+from metaqueries_core.decoders.sana import SanaAdapter
+from metaqueries_core.decoders.sd15 import SD15Adapter
 from metaqueries_core.sampling import Guidance, branch_prompts, combine, denoise, encode_branches, generate
 
 DECODERS = ["sana", "sd15"]
@@ -120,3 +123,56 @@ def test_empty_prompt_is_the_unconditional_branch(mllm_loader, decoder_loader, m
     head = make_head(mllm, decoder)
     out = generate(mllm, head, decoder, [""], height=32, width=32, steps=1)
     assert out.shape == (1, 3, 32, 32)
+
+
+def diffusers_pipeline(decoder, scheduler: str, cond, mask, b: int, output_type: str):
+    """The same sampling done by diffusers' own pipeline of the family (no text encoder: embeddings given)."""
+    from diffusers import SanaPipeline, StableDiffusionPipeline
+
+    common = dict(height=32, width=64, num_inference_steps=4, guidance_scale=4.0, output_type=output_type)
+    common.update(generator=torch.Generator("cpu").manual_seed(7))
+    sched = decoder.make_scheduler(scheduler)
+    if decoder.family == "sana":
+        pipe = SanaPipeline(
+            tokenizer=None, text_encoder=None, vae=decoder.vae, transformer=decoder.denoiser, scheduler=sched
+        )
+        embeds = dict(prompt_attention_mask=mask[b:], negative_prompt_attention_mask=mask[:b])
+        embeds.update(negative_prompt=None, use_resolution_binning=False)
+    else:
+        pipe = StableDiffusionPipeline(
+            vae=decoder.vae,
+            text_encoder=None,
+            tokenizer=None,
+            unet=decoder.denoiser,
+            scheduler=sched,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        embeds = {}  # the UNet pipeline passes no attention mask: ours is all ones here
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(prompt_embeds=cond[b:], negative_prompt_embeds=cond[:b], **embeds, **common).images
+
+
+@pytest.mark.parametrize(
+    "decoder_family,scheduler", [(a.family, s) for a in (SanaAdapter, SD15Adapter) for s in a.scheduler_names]
+)
+def test_sampling_equals_the_diffusers_pipeline(decoder_loader, monkeypatch, decoder_family, scheduler):
+    """Our loop (CFG, schedulers, flow shift, timestep scale, latent scaling, decoding) against SanaPipeline /
+    StableDiffusionPipeline given the same embeddings, scheduler and seed: the same latents and images."""
+    decoder = decoder_loader(decoder_family)
+    if decoder_family == "sana":  # a timestep scale other than 1, which both must apply
+        scaled = FrozenDict({**decoder.denoiser.config, "timestep_scale": 0.5})
+        monkeypatch.setattr(decoder.denoiser, "_internal_dict", scaled)
+    torch.manual_seed(0)
+    b = 2
+    cond = torch.randn(2 * b, 8, decoder.text_width)  # (2B, N, C): [negative, caption]
+    mask = torch.ones(2 * b, 8, dtype=torch.long)
+    if decoder_family == "sana":
+        mask[:, 6:] = 0  # padded positions, as the pipeline's tokenizer mask would give
+    kw = dict(branches=2, height=32, width=64, steps=4, guidance=Guidance(scale=4.0), scheduler=scheduler, seed=7)
+    ours = denoise(decoder, cond, mask, **kw)  # (B, c, h, w)
+    theirs = diffusers_pipeline(decoder, scheduler, cond, mask, b, "latent")
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    images = diffusers_pipeline(decoder, scheduler, cond, mask, b, "pt")  # (B, 3, H, W) in [0, 1]
+    torch.testing.assert_close(decoder.decode(ours), images, rtol=1e-5, atol=1e-5)
