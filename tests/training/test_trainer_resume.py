@@ -52,16 +52,21 @@ def interrupt_at_call(monkeypatch, n: int) -> None:
     monkeypatch.setattr(trainer, "accumulate", counted)
 
 
+def image_manifest(folder: Path, sizes: list[tuple[int, int]]) -> Path:
+    """A JSONL image folder of random images of the given (height, width), captioned "picture i"."""
+    folder.mkdir()
+    lines = []
+    for i, (h, w) in enumerate(sizes):
+        torch.manual_seed(i)
+        Image.fromarray((torch.rand(h, w, 3) * 255).byte().numpy()).save(folder / f"{i}.png")
+        lines.append(json.dumps({"image": f"{i}.png", "caption": f"picture {i}"}))
+    (folder / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
 def test_resume_continues_exactly(folders, tmp_path, monkeypatch):
     # a small JSONL set (5 images, 2 full batches an epoch) so the run crosses epochs; the decoder trains too
-    data = tmp_path / "data"
-    data.mkdir()
-    lines = []
-    for i in range(5):
-        torch.manual_seed(i)
-        Image.fromarray((torch.rand(32, 32, 3) * 255).byte().numpy()).save(data / f"{i}.png")
-        lines.append(json.dumps({"image": f"{i}.png", "caption": f"picture {i}"}))
-    (data / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    data = image_manifest(tmp_path / "data", [(32, 32)] * 5)
     common = (
         "--data.kind=jsonl",
         f"--data.path={data}",
@@ -267,15 +272,7 @@ def test_resume_problems_name_each_difference_and_a_config_of_another_version():
 def test_a_bucketed_resume_continues_exactly(folders, tmp_path, monkeypatch):
     # wide and square images in two buckets, batches of 2: at a checkpoint a sample of one size can be waiting for
     # a partner while batches of the other size go on; the resume must batch it exactly as the straight run did
-    data = tmp_path / "data"
-    data.mkdir()
-    lines = []
-    for i in range(9):
-        torch.manual_seed(i)
-        h, w = (16, 64) if i % 3 == 1 else (32, 32)
-        Image.fromarray((torch.rand(h, w, 3) * 255).byte().numpy()).save(data / f"{i}.png")
-        lines.append(json.dumps({"image": f"{i}.png", "caption": f"picture {i}"}))
-    (data / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    data = image_manifest(tmp_path / "data", [(16, 64) if i % 3 == 1 else (32, 32) for i in range(9)])
     common = (
         "--data.kind=jsonl",
         f"--data.path={data}",
