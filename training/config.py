@@ -76,6 +76,15 @@ class ModelSection:
         above("model.train_shift", self.train_shift, 0, " (1.0 = uniform noise levels)")
 
 
+FORMAT_OPTIONS: dict[str, tuple[str, ...]] = {
+    "toyworld": (),
+    "jsonl": (),
+    "hf": ("layout", "split", "split_by", "prompt_choice"),
+    "webdataset": ("split", "split_by", "caption_key", "instruction_key"),
+}
+FORMAT_OPTION_NAMES = sorted({name for names in FORMAT_OPTIONS.values() for name in names})
+
+
 @dataclass
 class DataSection:
     kind: Literal["toyworld", "webdataset", "hf", "jsonl"] = "toyworld"
@@ -83,7 +92,13 @@ class DataSection:
     resolution: int = 512  # training image side (square); toyworld uses its own size
     random_crop: bool = False
     buckets: list[list[int]] | None = None  # aspect-ratio buckets [[w, h], ...] instead of one resolution
+    # options of one file format each (FORMAT_OPTIONS), refused for the other kinds; None: the reader's default
     layout: Literal["auto", "caption", "metaquery_instruct", "omniedit"] = "auto"  # hf column layout
+    split: str | None = None  # which split a folder's files are read from (default "train")
+    split_by: Literal["auto", "shard", "sample"] | None = None  # how processes share the data (default "auto")
+    prompt_choice: Literal["random", "first", "last"] | None = None  # which phrasing of a prompt list (default random)
+    caption_key: str | None = None  # the field of a shard's .json holding the caption (default "caption")
+    instruction_key: str | None = None  # the same for an instruction (default "instruction")
     toyworld_size: int = 32  # toy image side
     toyworld_seed: int = 0
     toyworld_subject_fraction: float = 0.3  # instruct stage: share of subject-driven pairs
@@ -98,6 +113,13 @@ class DataSection:
 
     def __post_init__(self) -> None:
         at_least("data.resolution", self.resolution, 1)
+        given = [name for name in FORMAT_OPTION_NAMES if getattr(self, name) not in (None, "auto")]
+        if wrong := [name for name in given if name not in FORMAT_OPTIONS[self.kind]]:
+            allowed = ", ".join(f"data.{n}" for n in FORMAT_OPTIONS[self.kind]) or "none of them"
+            raise ValueError(
+                f"{', '.join(f'data.{n}' for n in wrong)} is not an option of data.kind={self.kind!r} "
+                f"(its format options: {allowed})"
+            )
         if self.buckets is not None:
             validate_buckets([tuple(b) for b in self.buckets])
         shares = {

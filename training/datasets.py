@@ -6,7 +6,7 @@ import numpy as np
 
 from metaqueries_core.toyworld import ToyWorld
 
-from .config import RunConfig
+from .config import FORMAT_OPTIONS, RunConfig
 from .data import IndexedDataset, open_dataset
 from .data.samples import CaptionSample, InstructSample, Sample
 
@@ -81,7 +81,7 @@ def open_training_data(cfg: RunConfig, *, rank: int, world_size: int) -> Indexed
     if not d.path:
         raise ValueError(f"data.path is empty: data.kind={d.kind!r} needs the path of the dataset")
     sizing = {"buckets": [tuple(b) for b in d.buckets]} if d.buckets else {"resolution": d.resolution}
-    extra = {"layout": d.layout} if d.kind == "hf" else {}
+    extra = {name: getattr(d, name) for name in FORMAT_OPTIONS[d.kind] if getattr(d, name) is not None}
     return open_dataset(
         d.kind,
         d.path,

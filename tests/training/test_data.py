@@ -1,11 +1,10 @@
 """Tests for training.data: every format and stage, skips, empty data, layouts, determinism, resume, rank split."""
 
-import io
 import json
-import tarfile
 
 import numpy as np
 import pytest
+from data_kit import image_cell, image_struct, img_bytes, needs_pyarrow, pa, pq, write_tar
 from PIL import Image
 
 from training.data import (
@@ -22,32 +21,7 @@ from training.data import (
 from training.data.hf import detect_layout
 from training.data.webdataset import expand_braces, expand_shards
 
-try:  # only the `hf` format needs pyarrow; without it just those tests are skipped
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-except ImportError:
-    pa = pq = None
-needs_pyarrow = pytest.mark.skipif(pa is None, reason="pyarrow is not installed (pip install pyarrow)")
-
-
-def img_bytes(i: int, fmt: str = "PNG", size=(12, 8), mode: str = "RGB") -> bytes:
-    color = (i * 37 % 256, i * 11 % 256, 200) if mode == "RGB" else (i * 37 % 256, 0, 0, 128)
-    buf = io.BytesIO()
-    Image.new(mode, size, color).save(buf, format=fmt)
-    return buf.getvalue()
-
-
 BROKEN = img_bytes(0, "JPEG")[:40]  # a JPEG header with the image data cut off
-
-
-def write_tar(path, records):
-    """records: list of (key, {ext: bytes}) written as consecutive members, as img2dataset does."""
-    with tarfile.open(path, "w") as tar:
-        for key, members in records:
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
 
 
 def caption_shards(tmp_path, n_shards=3, per_shard=4):
@@ -142,14 +116,6 @@ def test_shard_expansion(tmp_path):
 
 
 # -------------------------------------------------------------------------------------------------- hugging face
-
-
-def image_cell(i, fmt="PNG"):
-    return {"bytes": img_bytes(i, fmt), "path": None}
-
-
-def image_struct():
-    return pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
 
 def write_caption_parquet(folder, n=10, text_col="text", row_group_size=4, raw_bytes=False):

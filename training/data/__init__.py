@@ -94,8 +94,9 @@ def open_dataset(
     ``path`` is a folder or file; webdataset also takes a glob, a brace pattern or a list of those.
 
     Options for every format: ``seed``, ``shuffle``, ``rank``, ``world_size``, ``resolution`` | ``buckets``,
-    ``random_crop``. Per format: webdataset ``caption_key``, ``instruction_key``, ``split_by``; hf ``layout``,
-    ``split``, ``prompt_choice``. An unknown option is an error listing the allowed ones (not silently ignored).
+    ``random_crop``. Per format: webdataset ``caption_key``, ``instruction_key``, ``split_by``, ``split``; hf
+    ``layout``, ``split``, ``split_by``, ``prompt_choice``. An unknown option is an error listing the allowed ones
+    (not silently ignored).
     """
     check_stage(stage)
     cls = _reader_class(kind)

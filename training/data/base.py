@@ -220,13 +220,16 @@ class IndexedDataset(SampleDataset):
             return np.arange(self.num_rows)
         return self.epoch_rng(epoch).permutation(self.num_rows)
 
+    def rank_rows(self, epoch: int) -> np.ndarray:
+        """This rank's rows of epoch ``epoch``, in order: every ``world_size``-th of the epoch order."""
+        return self.epoch_order(epoch)[self.rank :: self.world_size]
+
     def __len__(self) -> int:
-        """Records of this rank per epoch (usable or not), e.g. for steps-per-epoch."""
-        return len(range(self.rank, self.num_rows, self.world_size))
+        """Records of this rank in the current epoch (usable or not), e.g. for steps-per-epoch."""
+        return len(self.rank_rows(self.epoch))
 
     def _records(self, epoch: int, start: int) -> Iterator[Record]:
-        rows = self.epoch_order(epoch)[self.rank :: self.world_size]
-        for row in rows[start:].tolist():
+        for row in self.rank_rows(epoch)[start:].tolist():
             yield Record(self._row_key(row), (row,), lambda rng, row=row: self._load_row(row, rng))
 
 

@@ -3,11 +3,13 @@
 pyarrow is imported lazily (only this format needs it) and reads both storage forms without the ``datasets``
 library. Three column layouts are understood, detected from the column names or forced with ``layout=``:
 
-* ``caption`` (pretrain): ``image`` + ``caption`` or ``text``;
+* ``caption`` (pretrain): ``image`` (or ``jpg``, ``jpeg``, ``png``, ``webp``: img2dataset's parquet output, webdataset
+  shards saved by ``datasets``) + ``caption``, ``text`` or ``txt``;
 * ``metaquery_instruct`` (instruct, MetaQuery-Instruct-2.4M): ``source_images`` (list of images), ``prompt``,
   ``target_image``;
 * ``omniedit`` (instruct, OmniEdit): ``src_img``, ``edited_img``, ``edited_prompt_list`` (several phrasings of one
-  edit; one is drawn with the sample's rng, or the first with ``prompt_choice='first'``).
+  edit; one is drawn with the sample's rng, or the first / last with ``prompt_choice='first'`` / ``'last'``: the
+  reference trainer takes the last).
 
 Images may be stored as the HF ``Image`` feature (a struct ``{bytes, path}``), raw bytes, or a path string; paths are
 resolved relative to the dataset folder. Arrow files are memory-mapped, so their order is a full permutation;
@@ -17,7 +19,6 @@ parquet must decode a whole row group to reach one row, so its order shuffles ro
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 from collections.abc import Sequence
@@ -42,10 +43,12 @@ from .samples import (
     decode_image,
     load_image_file,
 )
+from .splits import split_files
 
 __all__ = ["LAYOUTS", "HFDiskReader", "Layout", "check_same_columns", "detect_layout"]
 
 LayoutName = Literal["auto", "caption", "metaquery_instruct", "omniedit"]
+PROMPT_CHOICES = ("random", "first", "last")
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,13 @@ class Layout:
 
 
 LAYOUTS: dict[str, Layout] = {
-    "caption": Layout("caption", "pretrain", {"image": ("image",), "text": ("caption", "text")}),
+    # img2dataset's parquet output stores `jpg` bytes next to `caption`; webdataset shards loaded by `datasets`
+    # (e.g. pixparse/cc12m-wds) have `jpg` / `png` ... and `txt` columns
+    "caption": Layout(
+        "caption",
+        "pretrain",
+        {"image": ("image", "jpg", "jpeg", "png", "webp"), "text": ("caption", "text", "txt")},
+    ),
     "metaquery_instruct": Layout(
         "metaquery_instruct",
         "instruct",
@@ -136,31 +145,16 @@ def _pyarrow() -> Any:
     return pyarrow
 
 
-def _arrow_files(folder: str) -> list[str]:
-    """Arrow files of a save_to_disk folder, in the order its ``state.json`` lists them (else sorted)."""
+def _arrow_files(folder: str, split: str, *, deep: bool) -> list[str]:
+    """Arrow files of a save_to_disk folder, in the order its ``state.json`` lists them; else the split's
+    ``*.arrow`` files (top level, or with ``deep`` anywhere below, as ``load_dataset`` caches keep them)."""
     state = os.path.join(folder, "state.json")
     if os.path.isfile(state):
         with open(state, encoding="utf-8") as f:
             files = [os.path.join(folder, d["filename"]) for d in json.load(f).get("_data_files", [])]
         if files:
             return files
-    return sorted(glob.glob(os.path.join(glob.escape(folder), "*.arrow")))
-
-
-def _parquet_files(folder: str, split: str) -> list[str]:
-    """Parquet files under ``folder`` (top level, else recursively, e.g. ``data/``); split-named ones if any."""
-    files = sorted(glob.glob(os.path.join(glob.escape(folder), "*.parquet")))
-    if not files:
-        files = sorted(glob.glob(os.path.join(glob.escape(folder), "**", "*.parquet"), recursive=True))
-
-    # Hub layouts name files `data/train-00000-of-00004.parquet` or put them in `train/`; other splits must not leak
-    # into training. Files that name no split at all (`0000.parquet`) are a single-split dataset and all used.
-    def in_split(file: str) -> bool:
-        rel = os.path.relpath(file, folder).split(os.sep)
-        return split in rel[:-1] or rel[-1].startswith((f"{split}-", f"{split}_", f"{split}."))
-
-    selected = [f for f in files if in_split(f)]
-    return selected or files
+    return split_files(folder, ".arrow", split, deep=deep)
 
 
 class HFDiskReader(IndexedDataset):
@@ -173,12 +167,17 @@ class HFDiskReader(IndexedDataset):
         *,
         layout: LayoutName = "auto",
         split: str = "train",
-        prompt_choice: Literal["random", "first"] = "random",
+        prompt_choice: Literal["random", "first", "last"] = "random",
+        split_by: Literal["auto", "shard", "sample"] = "auto",
         **common: Any,
     ) -> None:
+        """``split_by`` chooses how ranks share a parquet dataset: ``shard`` gives each rank whole row groups (each
+        read by one rank; rank sizes differ by up to a row group), ``sample`` makes every rank decode every row group
+        and keep every ``world_size``-th row; ``auto`` picks ``shard`` when there are at least ``world_size`` row
+        groups. Arrow files are memory-mapped, read row by row: they always split by sample."""
         super().__init__(path, stage, **common)
-        if prompt_choice not in ("random", "first"):
-            raise ValueError(f"unknown prompt_choice {prompt_choice!r}; allowed: ['random', 'first']")
+        if prompt_choice not in PROMPT_CHOICES:
+            raise ValueError(f"unknown prompt_choice {prompt_choice!r}; allowed: {list(PROMPT_CHOICES)}")
         self.prompt_choice = prompt_choice
         self._pa = _pyarrow()
         self.base_dir = path if os.path.isdir(path) else os.path.dirname(path)
@@ -198,6 +197,21 @@ class HFDiskReader(IndexedDataset):
             self._arrow_parts = []
         if self.num_rows == 0:
             raise NoUsableSampleError(f"no usable sample in {path}: the dataset has 0 rows")
+        self.split_by = self._rank_split(split_by)
+
+    def _rank_split(self, split_by: str) -> str:
+        if split_by not in ("auto", "shard", "sample"):
+            raise ValueError(f"unknown split_by {split_by!r}; allowed: ['auto', 'shard', 'sample']")
+        groups = 0 if self._arrow_table is not None else len(self._blocks)
+        if split_by == "auto":
+            return "shard" if groups >= self.world_size else "sample"
+        if split_by == "shard" and groups < self.world_size:
+            kind = "an arrow dataset (memory-mapped rows)" if self._arrow_table is not None else f"{groups} row groups"
+            raise ValueError(
+                f"split_by='shard' needs parquet files with at least world_size={self.world_size} row groups; "
+                f"{self.path!r} is {kind}: use split_by='sample' or 'auto'"
+            )
+        return split_by
 
     def data_files(self) -> list[str]:
         """The parquet / arrow files (images a table names by path are not listed: that would read a column)."""
@@ -213,18 +227,24 @@ class HFDiskReader(IndexedDataset):
                 raise ValueError(f"split {split!r} not in the DatasetDict at {path!r}; it has {splits}")
             path = os.path.join(path, split)
             self.base_dir = path
-        if path.endswith(".arrow") or (os.path.isdir(path) and _arrow_files(path)):
-            files = [path] if path.endswith(".arrow") else _arrow_files(path)
-            self.files = files
-            self._arrow_parts = [self._read_arrow(f) for f in files]
-            return [(f, list(part.column_names)) for f, part in zip(files, self._arrow_parts)]
-        files = [path] if path.endswith(".parquet") else (_parquet_files(path, split) if os.path.isdir(path) else [])
-        if not files:
+        # a folder: its top-level arrow files (save_to_disk), else parquet files (also below, e.g. data/), else arrow
+        # files below (a load_dataset cache); each kind keeping the split's files
+        arrow = [path] if path.endswith(".arrow") else []
+        parquet = [path] if path.endswith(".parquet") else []
+        if os.path.isdir(path):
+            arrow = _arrow_files(path, split, deep=False)
+            parquet = [] if arrow else split_files(path, ".parquet", split)
+            arrow = arrow or ([] if parquet else _arrow_files(path, split, deep=True))
+        if arrow:
+            self.files = arrow
+            self._arrow_parts = [self._read_arrow(f) for f in arrow]
+            return [(f, list(part.column_names)) for f, part in zip(arrow, self._arrow_parts)]
+        if not parquet:
             raise FileNotFoundError(
-                f"no dataset at {path!r}: expected a .parquet file, a folder of *.parquet (or data/*.parquet), "
-                "or a save_to_disk folder (dataset_info.json + data-*.arrow)"
+                f"no dataset at {path!r}: expected a .parquet or .arrow file, a folder of *.parquet (or data/*.parquet), "
+                "a save_to_disk folder (dataset_info.json + data-*.arrow) or a folder of *.arrow files"
             )
-        self.files = files
+        files = self.files = parquet
         self._parquet = [pa.parquet.ParquetFile(f) for f in files]
         sizes: list[int] = []
         for i, pf in enumerate(self._parquet):
@@ -250,14 +270,24 @@ class HFDiskReader(IndexedDataset):
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """Full permutation for arrow; for parquet, row groups in random order and rows shuffled inside each."""
-        if not self.shuffle or self._arrow_table is not None:
+        if self._arrow_table is not None:
             return super().epoch_order(epoch)
-        rng = self.epoch_rng(epoch)
+        return np.concatenate(self._epoch_blocks(epoch))
+
+    def rank_rows(self, epoch: int) -> np.ndarray:
+        if self.split_by == "sample":
+            return super().rank_rows(epoch)
+        mine = self._epoch_blocks(epoch)[self.rank :: self.world_size]  # whole row groups
+        return np.concatenate(mine) if mine else np.zeros(0, dtype=np.int64)
+
+    def _epoch_blocks(self, epoch: int) -> list[np.ndarray]:
+        """The rows of each parquet row group, in epoch ``epoch``'s order of groups and of rows inside each."""
         starts = self._block_starts
-        parts = [
-            starts[b] + rng.permutation(int(starts[b + 1] - starts[b])) for b in rng.permutation(len(self._blocks))
-        ]
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        if not self.shuffle:
+            return [np.arange(starts[b], starts[b + 1]) for b in range(len(self._blocks))]
+        rng = self.epoch_rng(epoch)
+        order = rng.permutation(len(self._blocks))
+        return [starts[b] + rng.permutation(int(starts[b + 1] - starts[b])) for b in order]
 
     def _row(self, row: int) -> dict[str, Any]:
         wanted = list(self.columns.values())
@@ -292,7 +322,9 @@ class HFDiskReader(IndexedDataset):
             options = [v.strip() for v in value if isinstance(v, str) and v.strip()]
             if not options:
                 raise SampleSkipped(reason, "the text list has no non-empty string")
-            return options[int(rng.integers(len(options)))] if self.prompt_choice == "random" else options[0]
+            if self.prompt_choice == "random":
+                return options[int(rng.integers(len(options)))]
+            return options[0] if self.prompt_choice == "first" else options[-1]
         if isinstance(value, str) and value.strip():
             return value.strip()
         raise SampleSkipped(reason, f"text cell is {value!r}")

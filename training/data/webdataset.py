@@ -39,6 +39,7 @@ from .samples import (
     SampleSkipped,
     decode_image,
 )
+from .splits import split_files
 
 __all__ = ["WebDatasetReader", "expand_braces", "expand_shards"]
 
@@ -66,12 +67,13 @@ def expand_braces(pattern: str) -> list[str]:
     return [expanded for option in options for expanded in expand_braces(head + option + tail)]
 
 
-def expand_shards(path: str | Sequence[str]) -> list[str]:
-    """Shard paths from a directory (its ``*.tar``), a glob, a brace pattern, or a list of any of those."""
+def expand_shards(path: str | Sequence[str], split: str = "train") -> list[str]:
+    """Shard paths from a directory (its ``*.tar`` of ``split``: see ``splits.split_files``), a glob, a brace
+    pattern, or a list of any of those (globs and patterns are taken as given)."""
     if not isinstance(path, str):
-        return [shard for part in path for shard in expand_shards(part)]
+        return [shard for part in path for shard in expand_shards(part, split)]
     if os.path.isdir(path):
-        shards = sorted(glob.glob(os.path.join(glob.escape(path), "*.tar")))
+        shards = split_files(path, ".tar", split, deep=False)
         if not shards:
             raise FileNotFoundError(f"no *.tar shard in directory {path!r}")
         return shards
@@ -239,12 +241,14 @@ class WebDatasetReader(SampleDataset):
         caption_key: str = "caption",
         instruction_key: str = "instruction",
         split_by: Literal["auto", "shard", "sample"] = "auto",
+        split: str = "train",
         **common: Any,
     ) -> None:
         """``split_by`` chooses how ranks share the data: ``shard`` gives each rank whole shards (each byte read
         once, but rank sizes differ by up to a shard), ``sample`` makes every rank read every shard and keep every
-        ``world_size``-th record, ``auto`` picks ``shard`` when there are at least ``world_size`` shards."""
-        self.shards = expand_shards(path)
+        ``world_size``-th record, ``auto`` picks ``shard`` when there are at least ``world_size`` shards. ``split``
+        picks a folder's shards of that split when their names carry one (``cc3m-train-0000.tar``)."""
+        self.shards = expand_shards(path, split)
         super().__init__(path if isinstance(path, str) else ",".join(path), stage, **common)
         if split_by not in ("auto", "shard", "sample"):
             raise ValueError(f"unknown split_by {split_by!r}; allowed: ['auto', 'shard', 'sample']")
