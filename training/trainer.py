@@ -139,6 +139,22 @@ class Run:
     resume: tuple[Path, dict] | None  # the checkpoint to continue and its state (checked), or None: from step 0
 
 
+def check_fsdp_wrap(acc: Accelerator, module: nn.Module) -> None:
+    """FSDP's transformer wrap policy stops on a layer class the trained module lacks (configs/accelerate/fsdp.yaml
+    names Sana blocks, which a frozen decoder does not bring): name the classes to launch with instead."""
+    if acc.distributed_type != DistributedType.FSDP:
+        return
+    names = getattr(acc.state.fsdp_plugin, "transformer_cls_names_to_wrap", None) or []
+    names = names.split(",") if isinstance(names, str) else list(names)
+    present = {type(m).__name__ for m in module.modules()}
+    if missing := [name for name in names if name not in present]:
+        have = ",".join(name for name in names if name in present) or "EncoderLayer"
+        raise SetupError(
+            f"FSDP is set to wrap the layer classes {missing}, which the trained modules of this run do not have "
+            f"(a frozen decoder is not part of them); launch with --fsdp_transformer_layer_cls_to_wrap {have}"
+        )
+
+
 def setup(cfg: RunConfig) -> Run:
     """Accelerator, data, frozen models, the head, what trains, the latent cache, optimizer; all prepared."""
     acc = make_accelerator(cfg, Path(cfg.train.output_dir))
@@ -156,6 +172,7 @@ def setup(cfg: RunConfig) -> Run:
     set_decoder_mode(decoder, cfg.model.decoder_mode, cfg.model.lora_rank)
     log.info("trainable parameter values per role: %s", count_trainable(mllm, head, decoder))
     head.connector.gradient_checkpointing = cfg.train.gradient_checkpointing
+    mllm.gradient_checkpointing = cfg.train.gradient_checkpointing  # the query pass through the frozen layers
     if cfg.train.gradient_checkpointing and cfg.model.decoder_mode != "frozen":
         decoder.denoiser.enable_gradient_checkpointing()
     cache = prepare_latent_cache(cfg, decoder, acc) if cfg.data.cache_latents else None
@@ -164,6 +181,7 @@ def setup(cfg: RunConfig) -> Run:
         roles["decoder"] = decoder.denoiser
     optimizer, scheduler = make_optimizer(roles, cfg.optim, cfg.train.steps)
     module = TrainStep(head, mllm, decoder, prefix_cache=cfg.train.prefix_cache)
+    check_fsdp_wrap(acc, module)
     module, optimizer, scheduler = acc.prepare(module, optimizer, scheduler)
     return Run(acc, mllm, decoder, head, module, optimizer, scheduler, data, cache, resume)
 

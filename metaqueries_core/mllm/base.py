@@ -11,6 +11,7 @@ import enum
 import inspect
 import logging
 from abc import ABC
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -22,6 +23,7 @@ from torch import nn
 from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
 from ..images import ensure_max_aspect, ensure_min_side, to_rgb
+from .checkpointing import checkpointed_layers
 from .layout import PLAIN, PromptLayout
 
 log = logging.getLogger(__name__)
@@ -108,6 +110,7 @@ class MLLMAdapter(ABC):
         self.max_prompt_tokens = max_prompt_tokens
         self.max_images = self.default_max_images if max_images is None else max_images
         self.name = name
+        self.gradient_checkpointing = False  # training: recompute the decoder layers on the query pass's backward
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if pad is None:
             raise ValueError(f"the tokenizer of MLLM {name!r} has neither a pad nor an eos token")
@@ -334,16 +337,25 @@ class MLLMAdapter(ABC):
 
         `queries` (N, D) or (B, N, D) carries the gradient. With `prefix_cache`, the prompt runs once without autograd
         into the KV cache and only the N query positions run with autograd: attention is causal, so the prompt's
-        states never depend on the queries and the result (and its gradient) is the same.
+        states never depend on the queries and the result (and its gradient) is the same. With
+        `self.gradient_checkpointing`, the decoder layers are recomputed in the backward pass instead of keeping their
+        activations (`checkpointing.checkpointed_layers`).
         """
         b, n = batch.input_ids.shape[0], batch.num_queries
         if queries.shape[-2] != n:
             raise ValueError(f"the batch has {n} query slots but {queries.shape[-2]} queries were given")
         q = queries.to(batch.prompt_embeds.device, batch.prompt_embeds.dtype).expand(b, -1, -1)  # (B, N, D)
         lm = self.language_model
+        checkpointing = self.gradient_checkpointing and torch.is_grad_enabled()
         if not prefix_cache:
             embeds = torch.cat([batch.prompt_embeds[:, :-n], q], dim=1)  # (B, L, D)
-            out = lm(inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+            with checkpointed_layers(lm) if checkpointing else nullcontext():
+                out = lm(
+                    inputs_embeds=embeds,
+                    attention_mask=batch.attention_mask,
+                    position_ids=batch.position_ids,
+                    use_cache=False,
+                )
             return out.last_hidden_state[:, -n:]  # (B, N, D)
         p = batch.prompt_length
         with torch.no_grad():
@@ -354,12 +366,13 @@ class MLLMAdapter(ABC):
                 use_cache=True,
             )
         key = cache_keyword(lm)
-        out = lm(
-            inputs_embeds=q,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids[..., p:],
-            **{key: prefix[key]},
-        )
+        with checkpointed_layers(lm) if checkpointing else nullcontext():
+            out = lm(
+                inputs_embeds=q,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids[..., p:],
+                **{key: prefix[key]},
+            )
         return out.last_hidden_state  # (B, N, D)
 
     def encode(

@@ -59,6 +59,38 @@ def test_query_states_shape_and_prefix_cache_equivalence(mllm_loader, family):
     torch.testing.assert_close(g_cached, g_full, atol=1e-5, rtol=1e-5)
 
 
+def saved_bytes_and_grad(mllm, batch, q, prefix_cache: bool):
+    """Bytes autograd keeps for the backward of the query pass, and the queries' gradient."""
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        states = mllm.query_states(batch, q, prefix_cache=prefix_cache)
+    (grad,) = torch.autograd.grad(states.square().sum(), q)
+    return sum(saved), states.detach(), grad
+
+
+@pytest.mark.parametrize("prefix_cache", [False, True])
+@pytest.mark.parametrize("family", MLLM_FAMILIES)
+def test_checkpointed_layers_keep_less_and_give_the_same_gradient(mllm_loader, monkeypatch, family, prefix_cache):
+    mllm = mllm_loader(family)
+    batch = mllm.prepare(
+        ["a red circle", "", "a green triangle above a yellow circle"], images_for(family), num_queries=N
+    )
+    q = torch.randn(N, mllm.width, requires_grad=True)
+    kept, states, grad = saved_bytes_and_grad(mllm, batch, q, prefix_cache)
+    monkeypatch.setattr(mllm, "gradient_checkpointing", True)
+    kept_ckpt, states_ckpt, grad_ckpt = saved_bytes_and_grad(mllm, batch, q, prefix_cache)
+    assert torch.equal(states_ckpt, states) and torch.equal(grad_ckpt, grad)  # replayed layers read the same cache
+    assert kept_ckpt < kept / 2, (kept_ckpt, kept)
+    with torch.no_grad():  # nothing to recompute without autograd: the plain forward
+        assert torch.equal(mllm.query_states(batch, q, prefix_cache=prefix_cache), states)
+    assert all("forward" not in vars(layer) for layer in mllm.language_model.layers)  # the layers are restored
+
+
 @pytest.mark.parametrize("family", MLLM_FAMILIES)
 def test_readout_depends_on_prompt_and_is_batch_independent(mllm_loader, family):
     mllm = mllm_loader(family)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from PIL import Image
+from safetensors.torch import load_file
 
 from metaqueries_core.checkpoint import check_compatible, load_checkpoint
 from metaqueries_core.decoders import load_decoder
@@ -151,6 +152,19 @@ def test_decoder_modes_train_what_they_say(folders, tmp_path, mode):
         assert all(k.endswith(".weight") for k in changed)
     else:
         assert any(".ff." in k or "proj_out" in k or "patch_embed" in k for k in changed)
+
+
+@pytest.mark.parametrize("prefix_cache", ["true", "false"])
+def test_gradient_checkpointing_changes_memory_not_results(folders, tmp_path, prefix_cache):
+    """train.gradient_checkpointing recomputes the MLLM's layers on the query pass, the connector's and the trained
+    decoder's: the export and the losses must be the ones of a run without it, bit for bit."""
+    common = ("--model.decoder_mode=full", "--optim.lr=1e-2", f"--train.prefix_cache={prefix_cache}")
+    plain = run(folders, tmp_path / "plain", *common)
+    recomputed = run(folders, tmp_path / "ckpt", *common, "--train.gradient_checkpointing=true")
+    a, b = load_file(plain), load_file(recomputed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = [[r["loss"] for r in read_metrics(tmp_path / name / "metrics.jsonl")] for name in ("plain", "ckpt")]
+    assert losses[0] == losses[1]
 
 
 @pytest.mark.parametrize("family", ["sana", "sd15"])

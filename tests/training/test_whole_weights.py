@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as dist
+import yaml
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType
 from mq_testutil import trainer_args
@@ -23,9 +24,12 @@ from training import trainer
 from training.config import RunConfig
 from training.config_io import load_config
 from training.model_setup import build_head, set_decoder_mode
+from training.preflight import SetupError
 from training.run import main
 from training.trainer import TrainStep
 from training.whole_weights import sampling_decoder, whole_head
+
+REPO = Path(__file__).resolve().parents[2]
 
 FSDP = SimpleNamespace(distributed_type=DistributedType.FSDP)  # what sampling_decoder reads of the Accelerator
 DDP = SimpleNamespace(distributed_type=DistributedType.MULTI_GPU)
@@ -85,6 +89,26 @@ def test_fsdp_shards_cannot_sample_but_whole_copies_of_the_gathered_state_can(fo
             torch.testing.assert_close(sample(mllm, head, copy), expected, atol=1e-5, rtol=1e-4)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("mode", ["full", "frozen"])
+def test_the_fsdp_config_wraps_classes_the_trained_modules_have(folders, mllm_loader, mode):
+    """configs/accelerate/fsdp.yaml names connector layers and Sana blocks; a frozen decoder brings no Sana blocks,
+    which accelerate's wrap policy stops on: the trainer names the option to launch with instead."""
+    wrap = yaml.safe_load((REPO / "configs" / "accelerate" / "fsdp.yaml").read_text())["fsdp_config"]
+    names = wrap["fsdp_transformer_layer_cls_to_wrap"]
+    _, _, _, step = trained_step(folders, mllm_loader, mode)
+    plugin = SimpleNamespace(transformer_cls_names_to_wrap=names)
+    acc = SimpleNamespace(distributed_type=DistributedType.FSDP, state=SimpleNamespace(fsdp_plugin=plugin))
+    if mode == "full":
+        trainer.check_fsdp_wrap(acc, step)  # every named class is there
+        return
+    with pytest.raises(
+        SetupError, match=r"\['SanaTransformerBlock'\], which .* --fsdp_transformer_layer_cls_to_wrap Enc"
+    ):
+        trainer.check_fsdp_wrap(acc, step)
+    plugin.transformer_cls_names_to_wrap = "EncoderLayer"  # what that option sets
+    trainer.check_fsdp_wrap(acc, step)
 
 
 @pytest.mark.parametrize(
