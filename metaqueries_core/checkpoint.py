@@ -143,12 +143,15 @@ def read_config(path: str | Path) -> MetaQueryConfig:
 def load_checkpoint(
     path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> tuple[MetaQueryConfig, MetaQueryHead, dict[str, torch.Tensor]]:
-    """-> (config, head with weights loaded, decoder state dict (empty when the decoder was frozen))."""
+    """-> (config, head with weights loaded on `device`, decoder state dict (empty when the decoder was frozen)).
+
+    Everything is read on the CPU into memory of its own (not views of the file); the decoder weights stay there
+    until `apply_decoder_state` copies them into a decoder, so they never take a second copy's room on a GPU."""
     config = read_config(path)
     state, decoder_state = {}, {}
-    with safe_open(str(path), framework="pt", device=str(device)) as f:
+    with safe_open(str(path), framework="pt", device="cpu") as f:
         for key in f.keys():
-            tensor = f.get_tensor(key)
+            tensor = f.get_tensor(key).clone()
             if key.startswith("decoder."):
                 decoder_state[key[len("decoder.") :]] = tensor
             else:

@@ -129,6 +129,18 @@ def resolve(keys: tuple[str, ...], name: str, what: str) -> Path:
     raise FileNotFoundError(f"{what} {name!r} not found; looked in: {looked}")
 
 
+def fingerprint(keys: tuple[str, ...], name: str) -> str:
+    """What a loader's IS_CHANGED returns: size and modification time of every file of the model `name` (so a model
+    re-exported under the same name is loaded again), or the lookup error (the load then reports it)."""
+    try:
+        path = resolve(keys, name, "model")
+    except FileNotFoundError as e:
+        return str(e)
+    files = sorted(_walk_files(path)) if path.is_dir() else [path]
+    stats = [(f.relative_to(path).as_posix() if path.is_dir() else f.name, f.stat()) for f in files if f.is_file()]
+    return ";".join(f"{n}:{st.st_size}:{st.st_mtime_ns}" for n, st in stats)
+
+
 # ---- devices and memory ----------------------------------------------------------------------------------------
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -183,6 +195,9 @@ class _NullProgressBar:
     def update_absolute(self, value: int, total: int | None = None, preview=None) -> None:
         self.total = self.total if total is None else total
         self.current = min(value, self.total)
+
+    def update(self, value: int) -> None:
+        self.update_absolute(self.current + value)
 
 
 def progress_bar(total: int):

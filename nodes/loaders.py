@@ -1,6 +1,7 @@
 """Loader nodes: the frozen MLLM, a MetaQuery checkpoint and a diffusion decoder, each from the ComfyUI models folders.
 
-ComfyUI caches node outputs, so a loaded model stays in memory while its widgets are unchanged; no cache here."""
+ComfyUI caches node outputs, so a loaded model stays in memory while its widgets and its files are unchanged (each
+loader's IS_CHANGED is the size and modification time of the model's files); no cache here."""
 
 from __future__ import annotations
 
@@ -72,6 +73,10 @@ class LoadMLLM:
             }
         }
 
+    @classmethod
+    def IS_CHANGED(cls, mllm_name: str, **_: object) -> str:
+        return comfy_env.fingerprint(comfy_env.MLLM_KEYS, mllm_name)
+
     def load(self, mllm_name: str, dtype: str, device: str) -> tuple[MLLMAdapter]:
         path = comfy_env.resolve(comfy_env.MLLM_KEYS, mllm_name, "MLLM folder")
         torch_dtype, torch_device = _placement(dtype, device)
@@ -110,6 +115,10 @@ class LoadCheckpoint:
                 **_placement_inputs("queries and connector"),
             }
         }
+
+    @classmethod
+    def IS_CHANGED(cls, checkpoint_name: str, **_: object) -> str:
+        return comfy_env.fingerprint(comfy_env.CHECKPOINT_KEYS, checkpoint_name)
 
     def load(self, checkpoint_name: str, dtype: str, device: str) -> tuple[MetaQueryCheckpoint]:
         path = comfy_env.resolve(comfy_env.CHECKPOINT_KEYS, checkpoint_name, "MetaQuery checkpoint")
@@ -159,6 +168,10 @@ class LoadDecoder:
                 ),
             },
         }
+
+    @classmethod
+    def IS_CHANGED(cls, decoder_name: str, **_: object) -> str:
+        return comfy_env.fingerprint(comfy_env.DECODER_KEYS, decoder_name)
 
     def load(
         self, decoder_name: str, dtype: str, device: str, checkpoint: MetaQueryCheckpoint | None = None

@@ -12,10 +12,15 @@ from .common import CATEGORY, MLLM, image_lists, tip
 
 
 class InterruptCheck(StoppingCriteria):
-    """Checked after every generated token: raises ComfyUI's interrupt so a long answer can be cancelled."""
+    """Checked after every generated token: advances the node's progress bar (one step a token, up to
+    max_new_tokens) and raises ComfyUI's interrupt so a long answer can be cancelled."""
+
+    def __init__(self, bar) -> None:
+        self.bar = bar
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         comfy_env.throw_if_interrupted()
+        self.bar.update(1)
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
@@ -63,12 +68,14 @@ class Describe:
     ) -> tuple[str]:
         images = None if image is None else image_lists({"image": image})
         prompts = [question] * (1 if images is None else len(images))
+        bar = comfy_env.progress_bar(max_new_tokens)
         answers = mllm.generate_text(
             prompts,
             images,
             max_new_tokens=max_new_tokens,
             system_prompt=system_prompt.strip() or None,
             max_prompt_tokens=mllm.context_tokens,  # a question, not a MetaQuery caption: no 256-token cut
-            stopping_criteria=StoppingCriteriaList([InterruptCheck()]),
+            stopping_criteria=StoppingCriteriaList([InterruptCheck(bar)]),
         )
+        bar.update_absolute(max_new_tokens, max_new_tokens)  # an answer may end early
         return ("\n".join(answers),)

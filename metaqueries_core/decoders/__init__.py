@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ..memory import own_module
 from .base import SCHEDULER_NAMES, DecoderAdapter, PathLike, read_json
 from .sana import SanaAdapter
 from .sd15 import SD15Adapter
@@ -99,8 +100,12 @@ def load_decoder(
         family = family or detect_family(config)
         if family != "sd15":
             raise ValueError(f"single-file checkpoints are only supported for the sd15 family, not {family!r}")
-        return SD15Adapter.from_single_file(target, config=config, dtype=dtype, device=device, **options)
-    if not target.exists():
-        raise FileNotFoundError(f"decoder path {target} does not exist")
-    family = family or detect_family(target)
-    return DECODERS[family].from_folder(target, dtype=dtype, device=device, **options)
+        decoder = SD15Adapter.from_single_file(target, config=config, dtype=dtype, device=device, **options)
+    else:
+        if not target.exists():
+            raise FileNotFoundError(f"decoder path {target} does not exist")
+        family = family or detect_family(target)
+        decoder = DECODERS[family].from_folder(target, dtype=dtype, device=device, **options)
+    own_module(decoder.denoiser)  # not views of the files (memory.py)
+    own_module(decoder.vae)
+    return decoder

@@ -29,6 +29,7 @@ import torch
 from ..checkpoint import MetaQueryConfig, Stage
 from ..connector import ConnectorConfig
 from ..head import MetaQueryHead
+from ..memory import own_module, own_tensors
 from ..mllm import adapter_for, read_model_type
 from .output import (
     DecoderChoice,
@@ -178,7 +179,7 @@ def load_openuni(
     config, head_state, tuned = openuni_parts(
         state, family=RELEASED_FAMILY, width=width, heads=heads, mllm_name="", source=checkpoint.name
     )
-    return config, build_head(config, head_state), tuned
+    return config, own_module(build_head(config, head_state)), own_tensors(tuned)  # not views of the file
 
 
 def import_openuni(

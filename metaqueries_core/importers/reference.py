@@ -26,6 +26,7 @@ import torch
 from ..checkpoint import MetaQueryConfig, Stage
 from ..connector import ConnectorConfig
 from ..head import MetaQueryHead
+from ..memory import own_module, own_tensors
 from .output import DecoderChoice, build_head, check_request, importer_parser, run_import, write_imported
 from .weights import WeightsFolder
 
@@ -232,7 +233,8 @@ def load_reference(folder: str | Path) -> tuple[MetaQueryConfig, MetaQueryHead, 
     """The reference checkpoint in `folder` read in memory, as `load_checkpoint` reads ours: (config, head, the
     fine-tuned decoder's state when the reference trained it, else empty)."""
     config, head_state, weights, trained = reference_parts(Path(folder))
-    return config, build_head(config, head_state), weights.under(DECODER) if trained else {}
+    decoder_state = own_tensors(weights.under(DECODER)) if trained else {}  # not views of the files
+    return config, own_module(build_head(config, head_state)), decoder_state
 
 
 def import_reference(

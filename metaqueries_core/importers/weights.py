@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,7 +33,14 @@ def load_weights_only(path: Path) -> Any:
     torch.save writes, read whole when it is the legacy format, which cannot be mapped."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+    except pickle.UnpicklingError as e:  # torch's text advises weights_only=False, which would run the file's code
+        detail = re.search(r"WeightsUnpickler error: (.+?)(?:\n\n|$)", str(e).strip(), re.S)
+        raise ValueError(
+            f"{str(path)!r} is not a readable weights-only torch file: it is damaged, not a torch file, or holds "
+            "Python objects besides tensors, which this pack never unpickles (they could run code)"
+            + (f" ({detail.group(1).strip()})" if detail else "")
+        ) from e
+    except (RuntimeError, EOFError, ValueError) as e:
         raise ValueError(f"{str(path)!r} is not a readable weights-only torch file: {e}") from e
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ..memory import own_module
 from .base import DEFAULT_SYSTEM_PROMPT, MLLMAdapter, PromptBatch
 from .internvl import InternVLAdapter
 from .layout import PromptLayout
@@ -56,7 +57,9 @@ def load_mllm(
 ) -> MLLMAdapter:
     """Load a frozen MLLM from a local folder through the adapter of its `config.model_type`."""
     adapter = adapter_for(read_model_type(path))
-    return adapter.from_folder(Path(path), dtype=dtype, device=device, **options)
+    mllm = adapter.from_folder(Path(path), dtype=dtype, device=device, **options)
+    own_module(mllm.model)  # not views of the weight files (memory.py)
+    return mllm
 
 
 __all__ = [

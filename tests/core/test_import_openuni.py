@@ -208,6 +208,9 @@ def test_loading_the_pth_in_memory_gives_the_imported_head(mllm_folder, mllm_loa
     check_compatible(config, mllm=mllm, decoder=decoder)
     with pytest.raises(ValueError, match="MLLM family: checkpoint 'internvl', loaded 'qwen2_5_vl'"):
         check_compatible(config, mllm=mllm_loader("qwen2_5_vl"))
+    pth.write_bytes(bytes(pth.stat().st_size))  # not views of the memory-mapped file: overwriting changes nothing
+    assert all(torch.equal(a[k], v) for k, v in in_memory.state_dict().items())
+    assert all(torch.equal(decoder_state[k], v.to(decoder_state[k].dtype)) for k, v in in_memory_decoder.items())
 
 
 class _Payload:
@@ -225,9 +228,10 @@ def test_a_pickle_that_would_run_code_is_refused_unrun(mllm_folder, tmp_path):
     torch.save({"meta_queries": torch.zeros(8, 64), "x": _Payload(marker)}, tmp_path / "evil.pth")
     with pytest.raises(ValueError, match="not a readable weights-only torch file"):
         import_openuni(tmp_path / "evil.pth", tmp_path / "x.safetensors", mllm=mllm_folder(FAMILY))
-    with pytest.raises(ValueError, match="not a readable weights-only torch file"):
+    with pytest.raises(ValueError, match="not a readable weights-only torch file") as refused:
         load_openuni(tmp_path / "evil.pth")
     assert not marker.exists()
+    assert "never unpickles" in str(refused.value) and "weights_only" not in str(refused.value)  # no unsafe advice
 
 
 def test_outputs_wrappers_legacy_files_and_mllm_folders(mllm_folder, mllm_loader, decoder_loader, tmp_path, capsys):

@@ -82,6 +82,31 @@ def test_checkpoint_files_in_linked_folders_are_listed_once(tmp_path, monkeypatc
     ]
 
 
+def test_loaders_are_run_again_when_their_model_files_change(tmp_path, monkeypatch):
+    """IS_CHANGED of the three loaders: equal while the files are, different once one is re-exported."""
+    from nodes.loaders import LoadCheckpoint, LoadDecoder, LoadMLLM
+
+    for folder in ("llm/m", "decoders/d/transformer"):
+        (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / "llm/m/model.safetensors").write_bytes(b"a" * 10)
+    (tmp_path / "decoders/d/transformer/w.safetensors").write_bytes(b"b" * 10)
+    (tmp_path / "c.safetensors").write_bytes(b"c" * 10)
+    roots = {"LLM": [tmp_path / "llm"], "diffusers": [tmp_path / "decoders"], "metaqueries": [tmp_path]}
+    monkeypatch.setattr(comfy_env, "folder_roots", lambda key: roots.get(key, []))
+    cases = [
+        (LoadMLLM.IS_CHANGED, {"mllm_name": "m"}, "llm/m/model.safetensors"),
+        (LoadDecoder.IS_CHANGED, {"decoder_name": "d", "checkpoint": None}, "decoders/d/transformer/w.safetensors"),
+        (LoadCheckpoint.IS_CHANGED, {"checkpoint_name": "c.safetensors"}, "c.safetensors"),
+    ]
+    for is_changed, inputs, weights in cases:
+        first = is_changed(**inputs, dtype="auto", device="auto")
+        assert is_changed(**inputs, dtype="fp32", device="cpu") == first  # widgets are ComfyUI's own business
+        (tmp_path / weights).write_bytes(b"x" * 11)  # re-exported under the same name
+        assert is_changed(**inputs, dtype="auto", device="auto") != first, weights
+    missing = LoadMLLM.IS_CHANGED(mllm_name="gone", dtype="auto", device="auto")
+    assert "'gone' not found" in missing  # the load itself then reports it
+
+
 def test_fallback_models_dir_is_configurable(monkeypatch, tmp_path):
     monkeypatch.setattr(comfy_env, "IN_COMFYUI", False)
     monkeypatch.setenv("METAQUERIES_MODELS_DIR", str(tmp_path))
@@ -116,3 +141,6 @@ def test_progress_bar_stand_in_clamps_like_comfyui():
     bar = comfy_env.progress_bar(3)
     bar.update_absolute(5)
     assert bar.current == 3
+    bar.update_absolute(1)
+    bar.update(1)
+    assert bar.current == 2

@@ -9,7 +9,7 @@ import torch
 from conftest import SD15_TINY_CHECKPOINT
 
 from metaqueries_core.sampling import Guidance, encode_branches, generate
-from nodes import Connector, Describe, DiffusionSample, EditConditioning, Encode
+from nodes import Connector, Describe, DiffusionSample, EditConditioning, Encode, comfy_env
 from nodes.common import image_to_pil
 
 
@@ -125,6 +125,25 @@ def test_describe_answers_with_text(loaded):
     assert answer == "\n".join(expected)  # one answer per image
     (text_only,) = Describe().ask(loaded["mllm"], "hello", "", 3)
     assert text_only == plain.generate_text(["hello"], max_new_tokens=3)[0]
+
+
+def test_describe_reports_progress_token_by_token(loaded, monkeypatch):
+    bars = []
+
+    class Bar(comfy_env._NullProgressBar):  # records what ComfyUI's bar would show
+        def __init__(self, total):
+            super().__init__(total)
+            self.shown = []
+            bars.append(self)
+
+        def update_absolute(self, value, total=None, preview=None):
+            super().update_absolute(value, total)
+            self.shown.append(self.current)
+
+    monkeypatch.setattr(comfy_env, "progress_bar", Bar)
+    Describe().ask(loaded["mllm"], "what colour is it?", "", 5)
+    (bar,) = bars
+    assert bar.total == 5 and bar.shown[:-1] == list(range(1, len(bar.shown))) and bar.shown[-1] == 5
 
 
 def test_describe_uses_its_system_prompt_without_changing_the_loaded_mllm(loaded):
