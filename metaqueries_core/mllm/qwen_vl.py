@@ -9,11 +9,29 @@ from PIL import Image
 
 from .base import MLLMAdapter
 
+# The reference trainer's cap on an input image (models/model.py: max_pixels 1280 * 28 * 28, i.e. 1280 merged
+# patches = image tokens); the released folders allow 16384 tokens (a phone photo would give 15552).
+REFERENCE_MAX_IMAGE_TOKENS = 1280
+
 
 class QwenVLAdapter(MLLMAdapter):
     model_types = ("qwen2_5_vl", "qwen2_vl")
     image_token = "<|image_pad|>"
     default_max_images = 8
+
+    def __init__(self, *, max_image_tokens: int | None = REFERENCE_MAX_IMAGE_TOKENS, **kwargs: Any) -> None:
+        """`max_image_tokens` caps the tokens of one input image below the image processor's own pixel limit
+        (None: the folder's setting as it is)."""
+        super().__init__(**kwargs)
+        size = dict(self.image_processor.size)  # {"shortest_edge": min pixels, "longest_edge": max pixels}
+        if max_image_tokens is not None:
+            if max_image_tokens < 1:
+                raise ValueError(f"max_image_tokens must be >= 1 (or None: the folder's limit), got {max_image_tokens}")
+            token_pixels = self.min_image_side**2  # one merged patch
+            size["longest_edge"] = min(
+                size["longest_edge"], max(max_image_tokens * token_pixels, size["shortest_edge"])
+            )
+        self.image_size = size
 
     @property
     def min_image_side(self) -> int:
@@ -26,7 +44,7 @@ class QwenVLAdapter(MLLMAdapter):
 
     def image_features(self, images: list[list[Image.Image]]) -> tuple[list[torch.Tensor], dict[str, Any]]:
         flat = [im for sample in images for im in sample]
-        px = self.image_processor(images=flat, return_tensors="pt")
+        px = self.image_processor(images=flat, size=self.image_size, return_tensors="pt")
         pixel_values = px["pixel_values"].to(self.device, self.dtype)  # (sum of patches, C*T*P*P)
         grid = px["image_grid_thw"].to(self.device)  # (num_images, 3)
         feats = self.model.model.get_image_features(pixel_values, grid).pooler_output  # tuple of (n_i, D)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 
 import numpy as np
 import pytest
@@ -103,6 +104,31 @@ def test_readout_depends_on_prompt_and_is_batch_independent(mllm_loader, family)
     # left padding must not change a sample's states
     torch.testing.assert_close(both[0:1], a, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(both[1:2], b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
+def test_qwen_images_are_capped_at_the_reference_trainers_token_count(mllm_folder, tmp_path, family):
+    """The released Qwen folders allow 16384 tokens an image; the adapter caps it (1280 by default, as the
+    reference trainer does). The tiny processor allows 64 tokens (8-px merged patches, 4096 pixels)."""
+    image = [[Image.new("RGB", (256, 256), (200, 30, 30))]]
+
+    def image_tokens(**options) -> int:
+        mllm = load_mllm(mllm_folder(family), **options)
+        batch = mllm.prepare(["x"], image, num_queries=1)
+        return int((batch.input_ids == mllm.image_token_id).sum())
+
+    assert image_tokens() == image_tokens(max_image_tokens=None) == 64  # the folder's limit is below 1280
+    assert image_tokens(max_image_tokens=16) == 16
+    with pytest.raises(ValueError, match="max_image_tokens must be >= 1"):
+        image_tokens(max_image_tokens=0)
+    # a folder that allows 16384 tokens, as the released ones do: 1280 by default, all of them with None
+    released = shutil.copytree(mllm_folder(family), tmp_path / "released")
+    config = json.loads((released / "preprocessor_config.json").read_text())
+    config["size"]["longest_edge"] = 16384 * 64
+    (released / "preprocessor_config.json").write_text(json.dumps(config))
+    image = [[Image.new("RGB", (352, 352), (200, 30, 30))]]
+    mllm_folder = {family: released}.get
+    assert image_tokens() <= 1280 < image_tokens(max_image_tokens=None) == (352 // 8) ** 2
 
 
 @pytest.mark.parametrize("family", VISION_FAMILIES)
