@@ -8,6 +8,7 @@ from __future__ import annotations
 import abc
 import inspect
 import json
+import logging
 import os
 import re
 from collections.abc import Callable
@@ -19,6 +20,8 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import Tensor, nn
 
 PathLike = str | os.PathLike
+
+log = logging.getLogger(__name__)
 
 # Every scheduler name any family knows; a family may support a subset (see DecoderAdapter.scheduler_names).
 SCHEDULER_NAMES: tuple[str, ...] = ("dpmpp_2m", "euler", "ddim", "unipc")
@@ -39,14 +42,27 @@ def read_json(path: Path) -> dict[str, Any] | None:
     return data
 
 
+# Among several variants and no plain weights, the inference (EMA) weights in half precision, as the Hub's SD1.5
+# folder ships them next to `non_ema` (the training weights)
+PREFERRED_VARIANTS = ("fp16", "bf16")
+
+
 def detect_variant(folder: Path) -> str | None:
-    """The weights variant (e.g. ``"bf16"``) of a model folder that holds only variant weights, else None."""
+    """The weights variant (e.g. ``"bf16"``) of a model folder that holds only variant weights, else None; of several,
+    the first of ``PREFERRED_VARIANTS`` there (logged)."""
     names = [p.name for p in folder.iterdir()]
     if any(_PLAIN_WEIGHTS.match(n) for n in names):
         return None
     variants = sorted({m.group(1) or m.group(2) for n in names if (m := _VARIANT_WEIGHTS.match(n))})
     if len(variants) > 1:
-        raise ValueError(f"{folder} holds weights of several variants {variants}; pass variant= to pick one")
+        chosen = next((v for v in PREFERRED_VARIANTS if v in variants), None)
+        if chosen is None:
+            raise ValueError(
+                f"{folder} holds weights of several variants {variants} and none of {list(PREFERRED_VARIANTS)}; "
+                "pass variant= to load_decoder, or keep only the variant to use in the folder"
+            )
+        log.info("%s holds weights of the variants %s: loading %r", folder, variants, chosen)
+        return chosen
     return variants[0] if variants else None
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
+from safetensors.torch import load_file, save_file
 
 from metaqueries_core.decoders import DECODERS, DecoderAdapter, SanaAdapter, SD15Adapter, detect_family, load_decoder
 from metaqueries_core.decoders.tiny import write_sd15_single_file, write_tiny_sana, write_tiny_sd15
@@ -110,6 +111,20 @@ def test_variant_only_weights_are_found(folders: dict[str, Path], tmp_path: Path
             copy / sub / "diffusion_pytorch_model.bf16.safetensors"
         )
     assert isinstance(load_decoder(copy), SanaAdapter)
+
+
+def test_of_several_variants_the_half_precision_inference_weights_load(folders: dict[str, Path], tmp_path: Path):
+    """The Hub's SD1.5 folder ships fp16 and non_ema (training) weights; with only those, fp16 is loaded."""
+    copy = shutil.copytree(folders["sd15"], tmp_path / "variants")
+    unet = copy / "unet"
+    (unet / "diffusion_pytorch_model.safetensors").rename(unet / "diffusion_pytorch_model.fp16.safetensors")
+    state = {k: torch.zeros_like(v) for k, v in load_file(unet / "diffusion_pytorch_model.fp16.safetensors").items()}
+    save_file(state, unet / "diffusion_pytorch_model.non_ema.safetensors")  # the other variant: all zeros
+    loaded = load_decoder(copy).denoiser.state_dict()
+    assert any(v.abs().sum() > 0 for v in loaded.values())  # not the zero non_ema weights
+    (unet / "diffusion_pytorch_model.fp16.safetensors").rename(unet / "diffusion_pytorch_model.ema.safetensors")
+    with pytest.raises(ValueError, match=r"several variants \['ema', 'non_ema'\] and none of \['fp16', 'bf16'\]"):
+        load_decoder(copy)
 
 
 def test_sd15_single_file_round_trip(
