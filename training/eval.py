@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from metaqueries_core.images import tensor_to_pil
 from metaqueries_core.sampling import Guidance, generate
@@ -41,7 +42,7 @@ def _generate_all(
     mllm, head, decoder, prompts: list[str], images: list[list[Image.Image]] | None, size: int, kw: dict, batch: int
 ) -> list[Image.Image]:
     out: list[Image.Image] = []
-    for start in range(0, len(prompts), batch):
+    for start in tqdm(range(0, len(prompts), batch), desc="scoring: generating", unit="batch", leave=False):
         sl = slice(start, start + batch)
         imgs = None if images is None else images[sl]
         out += tensor_to_pil(generate(mllm, head, decoder, prompts[sl], images=imgs, height=size, width=size, **kw))

@@ -17,6 +17,7 @@ MAY_CHANGE = frozenset(
     {
         "model.mllm",
         "model.decoder",
+        "model.init_checkpoint",  # a path like the two above (a moved run folder); a resume reads its own weights
         "data.path",
         "data.cache_latents",
         "data.latent_cache_dir",

@@ -41,41 +41,47 @@ def main(argv: list[str] | None = None) -> int:
     if config_path is None and not any(a.startswith("--model.") for a in argv):
         from .toyjob import run_toy_job
 
-        try:
-            return run_toy_job(argv)
-        except KeyboardInterrupt:
-            print(
-                "interrupted: run the same command again to continue. Finished stages are reused, pretrain and "
-                "instruct resume from their last checkpoint, an unfinished teach or autoencoder stage starts over",
-                file=sys.stderr,
-            )
-            return INTERRUPTED
+        resume = (
+            "run the same command again to continue. Finished stages are reused, pretrain and instruct resume from "
+            "their last checkpoint, an unfinished teach or autoencoder stage starts over"
+        )
+        return reported(lambda: run_toy_job(argv), resume)
     try:
         cfg = load_config(RunConfig, config_path, argv)
     except (ConfigError, FileNotFoundError) as e:  # FileNotFoundError: the YAML file itself
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    from .data import NoUsableSampleError
-    from .preflight import SetupError, TrainingDiverged
     from .trainer import train
 
-    try:
+    where = Path(cfg.train.output_dir) / "checkpoints"
+    resume = (
+        f"the checkpoints written so far are in {str(where)!r}; run the same command with --train.resume=true to "
+        "continue from the newest"
+    )
+
+    def run_training() -> int:
         train(cfg)
-    except (SetupError, NoUsableSampleError, FileNotFoundError) as e:
+        return 0
+
+    return reported(run_training, resume)
+
+
+def reported(run, resume: str) -> int:
+    """`run()`'s exit code, with the errors a run can stop on turned into one line and their exit code."""
+    from .data import NoUsableSampleError
+    from .preflight import SetupError, TrainingDiverged
+
+    try:
+        return run()
+    except (SetupError, NoUsableSampleError, FileNotFoundError, NotADirectoryError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except TrainingDiverged as e:
         print(f"training stopped: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        where = Path(cfg.train.output_dir) / "checkpoints"
-        print(
-            f"interrupted: the checkpoints written so far are in {str(where)!r}; run the same command with "
-            "--train.resume=true to continue from the newest",
-            file=sys.stderr,
-        )
+        print(f"interrupted: {resume}", file=sys.stderr)
         return INTERRUPTED
-    return 0
 
 
 if __name__ == "__main__":

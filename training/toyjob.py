@@ -447,7 +447,7 @@ def run_config(cfg: ToyJobConfig, work: Path, stage: str, mllm: Path, decoder: P
             kind="toyworld",
             toyworld_size=cfg.image_size,
             toyworld_seed=cfg.seed,
-            toyworld_caption_fraction=cfg.instruct_captions,
+            toyworld_caption_fraction=0.0 if pretrain else cfg.instruct_captions,  # pretraining draws captions only
             toyworld_caption_mix=cfg.caption_mix,
         ),
         optim=OptimSection(
@@ -491,20 +491,40 @@ def stage_train(cfg: ToyJobConfig, work: Path, stage: str, mllm: Path, decoder: 
     return train(run_config(cfg, work, stage, mllm, decoder, init))
 
 
+def replace_path(new: Path, final: Path) -> None:
+    """Put the finished file or folder `new` at `final`, moving what was there aside first: a kill leaves either
+    the old or the new one complete (and at worst a `.old` copy beside it)."""
+    old = final.with_name(final.name + ".old")
+    if old.is_dir():
+        shutil.rmtree(old)
+    if final.exists():
+        final.rename(old)
+    new.rename(final)
+    if old.is_dir():
+        shutil.rmtree(old)
+    elif old.exists():
+        old.unlink()
+
+
 def stage_export(cfg: ToyJobConfig, models: Path, mllm: Path, decoder_init: Path, final: Path) -> None:
-    """A ComfyUI models folder: LLM/<mllm>, diffusers/<decoder with trained weights>, metaqueries/<checkpoint>."""
-    llm_dir, dec_dir, ckpt = models / "LLM" / MLLM_NAME, models / "diffusers" / DECODER_NAME, models / "metaqueries"
-    for d in (llm_dir, dec_dir):
-        if d.exists():
-            shutil.rmtree(d)
-    shutil.copytree(mllm, llm_dir, ignore=shutil.ignore_patterns("understanding.json", STAMP))
-    shutil.copytree(decoder_init, dec_dir, ignore=shutil.ignore_patterns(STAMP))
+    """A ComfyUI models folder: LLM/<mllm>, diffusers/<decoder with trained weights>, metaqueries/<checkpoint>; each
+    written beside its place, then moved there."""
+    llm_dir, dec_dir = models / "LLM" / MLLM_NAME, models / "diffusers" / DECODER_NAME
+    ckpt = models / "metaqueries" / CHECKPOINT_NAME
+    staged = {path: path.with_name(path.name + ".new") for path in (llm_dir, dec_dir, ckpt)}
+    for path in staged.values():
+        if path.is_dir():
+            shutil.rmtree(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(mllm, staged[llm_dir], ignore=shutil.ignore_patterns("understanding.json", STAMP))
+    shutil.copytree(decoder_init, staged[dec_dir], ignore=shutil.ignore_patterns(STAMP))
     _, _, decoder_state = load_checkpoint(final)
-    decoder = load_decoder(dec_dir)
+    decoder = load_decoder(staged[dec_dir])
     apply_decoder_state(decoder, decoder_state)
-    decoder.denoiser.save_pretrained(dec_dir / "transformer")
-    ckpt.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(final, ckpt / CHECKPOINT_NAME)
+    decoder.denoiser.save_pretrained(staged[dec_dir] / "transformer")
+    shutil.copy2(final, staged[ckpt])
+    for path, new in staged.items():
+        replace_path(new, path)
     log.info("export: %s", models)
 
 
@@ -552,9 +572,11 @@ def run_toy_job(argv: list[str]) -> int:
         return 2
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        print(f"config error: --out={cfg.out!r} is a file; give the folder the job writes into", file=sys.stderr)
+        return 2
     work, models = out / "work", out / "models"
     work.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / JOB_RECORD)
     t0 = time.perf_counter()
     world = ToyWorld(size=cfg.image_size, seed=cfg.seed)
     mllm = stage_teach(cfg, work, world)
@@ -562,10 +584,12 @@ def run_toy_job(argv: list[str]) -> int:
     pre = stage_train(cfg, work, "pretrain", mllm, decoder_init, None)
     final = stage_train(cfg, work, "instruct", mllm, decoder_init, pre) if cfg.instruct_steps else pre
     stage_export(cfg, models, mllm, decoder_init, final)
+    save_config(cfg, out / JOB_RECORD)  # what these models are: training.eval scores them with it
     teach_record = json.loads((mllm / "understanding.json").read_text())
     scores = stage_score(cfg, out, models, world, teach_record)
     scores["wall_seconds"] = time.perf_counter() - t0
     scores["config"] = asdict(cfg)
-    (out / "scores.json").write_text(json.dumps(scores, indent=2))
+    (out / "scores.json.tmp").write_text(json.dumps(scores, indent=2))
+    replace_path(out / "scores.json.tmp", out / "scores.json")
     log.info("done in %.0f s: %s, %s, %s", scores["wall_seconds"], out / "scores.json", out / "samples.png", models)
     return 0

@@ -7,8 +7,11 @@ import shutil
 from dataclasses import replace
 
 import pytest
+import yaml
 
+from training import trainer
 from training.eval import main as eval_main
+from training.preflight import SetupError
 from training.run import main as run_main
 from training.toyjob import (
     CHECKPOINT_NAME,
@@ -49,7 +52,7 @@ TINY = [
 ]
 
 
-def test_short_chain_exports_models_scores_and_reuses_stages(tmp_path):
+def test_short_chain_exports_models_scores_and_reuses_stages(tmp_path, monkeypatch, capsys):
     out = tmp_path / "toy"
     assert run_main([f"--out={out}", *TINY]) == 0
     models = out / "models"
@@ -121,6 +124,16 @@ def test_short_chain_exports_models_scores_and_reuses_stages(tmp_path):
     assert len(record["eval_seen"]["answers"]) == 8
     assert json.loads((out / "scores.json").read_text())["understanding_unchanged"] is True
 
+    # a run with other settings that stops before its export leaves the record of the exported models, which
+    # training.eval scores them with, and no half export; a run that cannot go on says so in one line
+    monkeypatch.setattr(trainer, "train", lambda cfg: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert run_main([f"--out={out}", *TINY, "--instruct_steps=4"]) == 130
+    assert yaml.safe_load((out / "toyjob.yaml").read_text())["instruct_steps"] == 3
+    assert not [p for p in (out / "models").rglob("*") if p.name.endswith((".new", ".old"))]
+    monkeypatch.setattr(trainer, "train", lambda cfg: (_ for _ in ()).throw(SetupError("a clear reason")))
+    assert run_main([f"--out={out}", *TINY, "--instruct_steps=4"]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: a clear reason"
+
 
 def test_pixel_space_decoder_has_no_autoencoder(tmp_path):
     out = tmp_path / "toy"
@@ -168,6 +181,20 @@ def test_teach_weights_reach_the_teaching_and_its_stage_stamp(tmp_path):
     assert not claim_stage(cfg, folder)
     assert claim_stage(cfg, folder)  # same weights: the taught MLLM is reused
     assert not claim_stage(ToyJobConfig(), folder)  # other weights: taught again
+
+
+def test_out_that_is_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    assert run_main([f"--out={tmp_path / 'afile'}"]) == 2
+    assert "is a file; give the folder the job writes into" in capsys.readouterr().err
+
+
+def test_only_the_instruct_stage_mixes_in_captions(tmp_path):
+    """instruct_captions is no setting of pretraining (its stage stamp leaves it out, so a resumed pretrain must
+    not see it change)."""
+    cfg = ToyJobConfig(instruct_captions=0.5)
+    data = [run_config(cfg, tmp_path, stage, tmp_path, tmp_path, None).data for stage in ("pretrain", "instruct")]
+    assert [d.toyworld_caption_fraction for d in data] == [0.0, 0.5]
 
 
 def test_instruct_stage_trains_at_a_share_of_the_pretrain_rates(tmp_path):

@@ -264,6 +264,8 @@ def test_resume_problems_name_each_difference_and_a_config_of_another_version():
     assert resume_problems(saved, cfg, 4) == []
     moved = load_config(RunConfig, None, ["--train.steps=10", "--train.batch_size=3", "--optim.lr=1e-5"])
     assert resume_problems(saved, moved, 4) == ["train.batch_size: checkpoint 16, now 3"]  # the rate may change
+    paths = ["--train.steps=10", "--model.mllm=/moved/m", "--model.init_checkpoint=/moved/pre.safetensors"]
+    assert resume_problems(saved, load_config(RunConfig, None, paths), 4) == []  # a moved run folder resumes
     other = {**saved, "train": {**saved["train"], "retired_key": 1}}
     (problem,) = resume_problems(other, cfg, 4)
     assert "does not read as this version's" in problem and "retired_key" in problem

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from metaqueries_core.head import MetaQueryHead
 from metaqueries_core.mllm import MLLMAdapter
@@ -45,7 +46,7 @@ def _attributes(kind: str, s: CaptionSample) -> dict[str, int]:
 @torch.no_grad()
 def _features(mllm: MLLMAdapter, head: MetaQueryHead, prompts: list[str], batch: int) -> np.ndarray:
     rows = []
-    for start in range(0, len(prompts), batch):
+    for start in tqdm(range(0, len(prompts), batch), desc="conditioning probe", unit="batch", leave=False):
         cond, _ = head.encode(mllm, prompts[start : start + batch])  # (b, N, C)
         rows.append(cond.flatten(1).float().cpu().numpy())  # (b, N * C)
     x = np.concatenate(rows)  # (n, N * C)
