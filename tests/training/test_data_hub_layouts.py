@@ -131,7 +131,7 @@ def test_parquet_processes_read_whole_row_groups(tmp_path, world_size):
         assert all(not (a & b) for i, a in enumerate(groups) for b in groups[i + 1 :])  # no group on two ranks
     rows = open_dataset("hf", str(tmp_path), "pretrain", seed=4, rank=0, world_size=2, split_by="sample")
     assert len({n // 3 for n in (int(s.caption.split()[1]) for s in rows)}) == 7  # every group decoded
-    with pytest.raises(ValueError, match=r"split_by='shard' needs parquet files with at least world_size=8 row"):
+    with pytest.raises(ValueError, match=r"split_by='shard' needs at least world_size=8 parquet row groups, found 7"):
         open_dataset("hf", str(tmp_path), "pretrain", rank=0, world_size=8, split_by="shard")
 
 

@@ -53,6 +53,22 @@ class StreamError:
     detail: str
 
 
+def choose_split_by(split_by: str, pieces: int, world_size: int, what: str) -> str:
+    """How processes share a dataset: ``shard`` (each reads whole pieces of it: tar shards, parquet row groups, so
+    each byte is read once) or ``sample`` (each reads everything and keeps every ``world_size``-th record); ``auto``
+    picks ``shard`` when every process gets a piece."""
+    if split_by not in ("auto", "shard", "sample"):
+        raise ValueError(f"unknown split_by {split_by!r}; allowed: ['auto', 'shard', 'sample']")
+    if split_by == "auto":
+        return "shard" if pieces >= world_size else "sample"
+    if split_by == "shard" and pieces < world_size:
+        raise ValueError(
+            f"split_by='shard' needs at least world_size={world_size} {what}, found {pieces}; use split_by='sample' "
+            "or 'auto'"
+        )
+    return split_by
+
+
 def check_stage(stage: str) -> Stage:
     """Validate a stage name (the readers dispatch on it)."""
     allowed = get_args(Stage)
@@ -283,8 +299,7 @@ class Batches(Iterator[list[S]]):
 
     def _end_of_stream(self) -> None:
         self._ended = True
-        dropped = sum(len(batch) for batch in self._pending.values())
-        if self._drop_last and dropped:
-            logger.info("dropped %d samples in incomplete batches at the end of the stream (drop_last)", dropped)
         if self._drop_last:
+            if dropped := sum(len(batch) for batch in self._pending.values()):
+                logger.info("dropped %d samples in incomplete batches at the end of the stream (drop_last)", dropped)
             self._pending.clear()

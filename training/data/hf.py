@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .base import IndexedDataset, Stage
+from .base import IndexedDataset, Stage, choose_split_by
 from .samples import (
     BAD_METADATA,
     MISSING_CAPTION,
@@ -197,21 +197,9 @@ class HFDiskReader(IndexedDataset):
             self._arrow_parts = []
         if self.num_rows == 0:
             raise NoUsableSampleError(f"no usable sample in {path}: the dataset has 0 rows")
-        self.split_by = self._rank_split(split_by)
-
-    def _rank_split(self, split_by: str) -> str:
-        if split_by not in ("auto", "shard", "sample"):
-            raise ValueError(f"unknown split_by {split_by!r}; allowed: ['auto', 'shard', 'sample']")
-        groups = 0 if self._arrow_table is not None else len(self._blocks)
-        if split_by == "auto":
-            return "shard" if groups >= self.world_size else "sample"
-        if split_by == "shard" and groups < self.world_size:
-            kind = "an arrow dataset (memory-mapped rows)" if self._arrow_table is not None else f"{groups} row groups"
-            raise ValueError(
-                f"split_by='shard' needs parquet files with at least world_size={self.world_size} row groups; "
-                f"{self.path!r} is {kind}: use split_by='sample' or 'auto'"
-            )
-        return split_by
+        # arrow tables are memory-mapped and read row by row: no pieces to hand out
+        pieces = 0 if self._arrow_table is not None else len(self._blocks)
+        self.split_by = choose_split_by(split_by, pieces, self.world_size, "parquet row groups")
 
     def data_files(self) -> list[str]:
         """The parquet / arrow files (images a table names by path are not listed: that would read a column)."""

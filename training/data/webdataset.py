@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .base import Record, SampleDataset, Stage, StreamError
+from .base import Record, SampleDataset, Stage, StreamError, choose_split_by
 from .samples import (
     BAD_METADATA,
     MISSING_CAPTION,
@@ -250,16 +250,7 @@ class WebDatasetReader(SampleDataset):
         picks a folder's shards of that split when their names carry one (``cc3m-train-0000.tar``)."""
         self.shards = expand_shards(path, split)
         super().__init__(path if isinstance(path, str) else ",".join(path), stage, **common)
-        if split_by not in ("auto", "shard", "sample"):
-            raise ValueError(f"unknown split_by {split_by!r}; allowed: ['auto', 'shard', 'sample']")
-        if split_by == "auto":
-            split_by = "shard" if len(self.shards) >= self.world_size else "sample"
-        if split_by == "shard" and len(self.shards) < self.world_size:
-            raise ValueError(
-                f"split_by='shard' needs at least world_size={self.world_size} shards, found {len(self.shards)}; "
-                "use split_by='sample' or 'auto'"
-            )
-        self.split_by = split_by
+        self.split_by = choose_split_by(split_by, len(self.shards), self.world_size, "shards")
         self.caption_key = caption_key
         self.instruction_key = instruction_key
 
