@@ -12,7 +12,7 @@ import itertools
 import torch
 from torch import nn
 
-__all__ = ["own_module", "own_tensors"]
+__all__ = ["cpu_bytes", "own_module", "own_tensors"]
 
 
 def _own(t: torch.Tensor) -> torch.Tensor:
@@ -30,3 +30,14 @@ def own_module(module: nn.Module) -> nn.Module:
 def own_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The same tensors, each CPU one copied into memory of its own."""
     return {key: _own(t) for key, t in tensors.items()}
+
+
+def cpu_bytes(modules: tuple[nn.Module, ...] = (), tensors: tuple[torch.Tensor, ...] = ()) -> int:
+    """Bytes of host memory the CPU parameters and buffers of `modules` and the CPU `tensors` hold (shared ones
+    once): what a loaded model answers to ComfyUI's RAM cache (`get_ram_usage`)."""
+    seen: dict[int, int] = {}
+    for t in itertools.chain(*(itertools.chain(m.parameters(), m.buffers()) for m in modules), tensors):
+        if t.device.type == "cpu":
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())

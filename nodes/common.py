@@ -12,6 +12,7 @@ from PIL import Image
 from metaqueries_core.checkpoint import MetaQueryConfig
 from metaqueries_core.head import MetaQueryHead
 from metaqueries_core.images import ALPHA_BACKGROUND, tensor_to_pil
+from metaqueries_core.memory import cpu_bytes
 
 from . import comfy_env
 
@@ -37,6 +38,10 @@ class MetaQueryCheckpoint:
     @property
     def device(self) -> torch.device:
         return self.head.queries.queries.device
+
+    def get_ram_usage(self) -> int:
+        """Host memory of the head and the decoder weights (ComfyUI's RAM cache weighs cached outputs by it)."""
+        return cpu_bytes((self.head,), tuple(self.decoder_state.values()))
 
     @property
     def dtype(self) -> torch.dtype:

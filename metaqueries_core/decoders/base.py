@@ -19,6 +19,8 @@ import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import Tensor, nn
 
+from ..memory import cpu_bytes
+
 PathLike = str | os.PathLike
 
 log = logging.getLogger(__name__)
@@ -168,6 +170,10 @@ class DecoderAdapter(abc.ABC):
     @property
     def dtype(self) -> torch.dtype:
         return next(self.denoiser.parameters()).dtype
+
+    def get_ram_usage(self) -> int:
+        """Host memory the denoiser's and the VAE's weights hold (ComfyUI's RAM cache weighs cached outputs by it)."""
+        return cpu_bytes((self.denoiser, self.vae))
 
     def to(self, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> DecoderAdapter:
         """Move denoiser and VAE together; returns self."""

@@ -23,6 +23,7 @@ from torch import nn
 from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
 from ..images import ensure_max_aspect, ensure_min_side, to_rgb
+from ..memory import cpu_bytes
 from .checkpointing import checkpointed_layers
 from .layout import PLAIN, PromptLayout
 
@@ -115,6 +116,10 @@ class MLLMAdapter(ABC):
         if pad is None:
             raise ValueError(f"the tokenizer of MLLM {name!r} has neither a pad nor an eos token")
         self.pad_id = int(pad)
+
+    def get_ram_usage(self) -> int:
+        """Host memory the model's weights hold (ComfyUI's RAM cache weighs cached outputs by it)."""
+        return cpu_bytes((self.model,))
 
     # ---- loading -------------------------------------------------------------------------------------------
     @classmethod

@@ -56,3 +56,23 @@ def test_a_loaded_checkpoint_survives_its_file_being_truncated(tmp_path, mllm_lo
     with path.open("r+b") as f:  # cut short: reading a mapped page past the end would kill the process (SIGBUS)
         f.truncate(100)
     assert unchanged(before, [loaded]) and all(torch.equal(decoder_state[k], v) for k, v in tuned_before.items())
+
+
+def test_loaded_models_report_the_host_memory_they_hold(mllm_loader, decoder_loader, make_head):
+    """ComfyUI's RAM cache weighs cached outputs by get_ram_usage(); without it a loaded MLLM counts as tiny."""
+    from metaqueries_core.memory import cpu_bytes
+    from nodes.common import MetaQueryCheckpoint
+
+    def nbytes(*modules) -> int:
+        return sum(t.numel() * t.element_size() for m in modules for t in (*m.parameters(), *m.buffers()))
+
+    mllm, decoder = mllm_loader("qwen2_5_vl"), decoder_loader("sana")
+    assert mllm.get_ram_usage() == nbytes(mllm.model) > 100_000
+    assert decoder.get_ram_usage() == nbytes(decoder.denoiser, decoder.vae) > 0
+    head = make_head(mllm, decoder)
+    tuned = {k: v.clone() for k, v in decoder.denoiser.state_dict().items()}
+    config = ckpt.config_for(head, mllm=mllm, decoder=decoder)
+    loaded = MetaQueryCheckpoint("x", Path("x"), config, head, tuned)
+    assert loaded.get_ram_usage() == nbytes(head) + nbytes(decoder.denoiser)
+    assert cpu_bytes((head, head)) == nbytes(head)  # what is shared counts once
+    assert cpu_bytes(tensors=(torch.zeros(4, device="meta"),)) == 0  # not in host memory
