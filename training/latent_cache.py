@@ -144,12 +144,11 @@ def stale_because(found: dict[str, Any] | None, want: dict[str, Any]) -> str:
     return f"it was made for another configuration; differences: {changed}"
 
 
-def prepare_latent_cache(cfg: RunConfig, decoder: DecoderAdapter, acc: Accelerator) -> LatentCache:
-    """Reuse a matching cache or build one (all processes take part); returns the merged cache on every process."""
-    from .datasets import open_training_data
-
+def prepare_latent_cache(cfg: RunConfig, decoder: DecoderAdapter, acc: Accelerator, data: SampleDataset) -> LatentCache:
+    """Reuse a matching cache or build one (all processes take part); returns the merged cache on every process.
+    `data` is the run's dataset, asked only for its files (the same on every process)."""
     folder = cache_folder(cfg)
-    want = fingerprint(cfg, decoder, acc.num_processes, open_training_data(cfg, rank=0, world_size=1))
+    want = fingerprint(cfg, decoder, acc.num_processes, data)
     manifest = folder / MANIFEST
     found = json.loads(manifest.read_text()).get("fingerprint", {}) if manifest.is_file() else None
     reuse = found == want

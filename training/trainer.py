@@ -175,7 +175,7 @@ def setup(cfg: RunConfig) -> Run:
     mllm.gradient_checkpointing = cfg.train.gradient_checkpointing  # the query pass through the frozen layers
     if cfg.train.gradient_checkpointing and cfg.model.decoder_mode != "frozen":
         decoder.denoiser.enable_gradient_checkpointing()
-    cache = prepare_latent_cache(cfg, decoder, acc) if cfg.data.cache_latents else None
+    cache = prepare_latent_cache(cfg, decoder, acc, data) if cfg.data.cache_latents else None
     roles = {"queries": head.queries, "connector": head.connector}
     if cfg.model.decoder_mode != "frozen":
         roles["decoder"] = decoder.denoiser

@@ -16,6 +16,7 @@ from PIL import Image
 from training.config import RunConfig
 from training.config_io import load_config
 from training.data import open_dataset
+from training.datasets import open_training_data
 from training.latent_cache import dataset_files, files_digest, prepare_latent_cache
 
 
@@ -64,13 +65,16 @@ def test_a_changed_image_rebuilds_the_cache_and_says_why(tmp_path, caplog):
     )
     vae = CountingVae()
     acc = Accelerator(cpu=True)
-    assert len(prepare_latent_cache(cfg, vae, acc)) == 4 and vae.encoded == 4
-    prepare_latent_cache(cfg, vae, acc)
+    assert (
+        len(prepare_latent_cache(cfg, vae, acc, open_training_data(cfg, rank=0, world_size=1))) == 4
+        and vae.encoded == 4
+    )
+    prepare_latent_cache(cfg, vae, acc, open_training_data(cfg, rank=0, world_size=1))
     assert vae.encoded == 4  # unchanged data: reused
     Image.new("RGB", (8, 8), (0, 255, 0)).save(data / "2.png")  # same name, new pixels
     touch_later(data / "2.png")
     with caplog.at_level(logging.INFO, logger="training.latent_cache"):
-        cache = prepare_latent_cache(cfg, vae, acc)
+        cache = prepare_latent_cache(cfg, vae, acc, open_training_data(cfg, rank=0, world_size=1))
     assert vae.encoded == 8
     assert "the dataset's files changed since it was made" in caplog.text
     assert torch.equal(cache.get(["manifest.jsonl:3"])[0, :, 0, 0], torch.tensor([-1.0, 1.0, -1.0]))
