@@ -351,10 +351,13 @@ class MLLMAdapter(ABC):
             raise ValueError(f"the batch has {n} query slots but {queries.shape[-2]} queries were given")
         q = queries.to(batch.prompt_embeds.device, batch.prompt_embeds.dtype).expand(b, -1, -1)  # (B, N, D)
         lm = self.language_model
-        checkpointing = self.gradient_checkpointing and torch.is_grad_enabled()
+        # the context the autograd pass through the layers runs in (entered once, by one of the branches)
+        recomputed = (
+            checkpointed_layers(lm) if self.gradient_checkpointing and torch.is_grad_enabled() else nullcontext()
+        )
         if not prefix_cache:
             embeds = torch.cat([batch.prompt_embeds[:, :-n], q], dim=1)  # (B, L, D)
-            with checkpointed_layers(lm) if checkpointing else nullcontext():
+            with recomputed:
                 out = lm(
                     inputs_embeds=embeds,
                     attention_mask=batch.attention_mask,
@@ -371,7 +374,7 @@ class MLLMAdapter(ABC):
                 use_cache=True,
             )
         key = cache_keyword(lm)
-        with checkpointed_layers(lm) if checkpointing else nullcontext():
+        with recomputed:
             out = lm(
                 inputs_embeds=q,
                 attention_mask=batch.attention_mask,
