@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -492,18 +493,19 @@ def stage_train(cfg: ToyJobConfig, work: Path, stage: str, mllm: Path, decoder: 
 
 
 def replace_path(new: Path, final: Path) -> None:
-    """Put the finished file or folder `new` at `final`, moving what was there aside first: a kill leaves either
-    the old or the new one complete (and at worst a `.old` copy beside it)."""
+    """Put the finished file or folder `new` at `final`: a file in one atomic rename; a folder after moving what was
+    there aside, so a kill leaves either the old or the new one complete (and at worst a `.old` copy beside it)."""
+    if new.is_file():
+        os.replace(new, final)
+        return
     old = final.with_name(final.name + ".old")
     if old.is_dir():
         shutil.rmtree(old)
     if final.exists():
         final.rename(old)
     new.rename(final)
-    if old.is_dir():
+    if old.exists():
         shutil.rmtree(old)
-    elif old.exists():
-        old.unlink()
 
 
 def stage_export(cfg: ToyJobConfig, models: Path, mllm: Path, decoder_init: Path, final: Path) -> None:
