@@ -12,7 +12,9 @@ from PIL import Image
 from .head import MetaQueryHead
 from .mllm import MLLMAdapter
 
-StepCallback = Callable[[int, int, torch.Tensor], None]  # (step index, total steps, current latents)
+# (step index, total steps, latents after the step (B, c, h, w), the clean latents x0 the step's guided prediction
+# implies (B, c, h, w): what previews show, since early latents are mostly noise)
+StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
 
 @dataclass(frozen=True)
@@ -125,9 +127,11 @@ def denoise(
         x = sched.scale_model_input(torch.cat([latents] * branches), t)  # (K*B, c, h, w)
         out = decoder.predict(x.to(dtype), t.expand(x.shape[0]), cond, mask).float()  # (K*B, c, h, w)
         out = combine(out.chunk(branches), guidance)  # (B, c, h, w)
+        if callback is not None:
+            denoised = decoder.denoised(x[: out.shape[0]], out, t)  # (B, c, h, w); every branch's x is the same
         latents = sched.step(out, t, latents, return_dict=False)[0]
         if callback is not None:
-            callback(i, len(sched.timesteps), latents)
+            callback(i, len(sched.timesteps), latents, denoised)
     return latents
 
 

@@ -1,8 +1,9 @@
 """The only module of the pack that touches ComfyUI: model folders, devices, memory, progress and interrupt.
 
-Inside ComfyUI it goes through `folder_paths`, `comfy.model_management` and `comfy.utils.ProgressBar`. Outside ComfyUI
-(tests, scripts) every service falls back to plain behaviour: model folders live under `$METAQUERIES_MODELS_DIR`
-(default `./models`), the device is CUDA when available, the progress bar does nothing and the interrupt flag is local.
+Inside ComfyUI it goes through `folder_paths`, `comfy.model_management`, `comfy.utils.ProgressBar` and the preview
+settings in `comfy.cli_args`. Outside ComfyUI (tests, scripts) every service falls back to plain behaviour: model
+folders live under `$METAQUERIES_MODELS_DIR` (default `./models`), the device is CUDA when available, the progress bar
+does nothing, previews are off and the interrupt flag is local.
 Importing this module inside ComfyUI registers the pack's model folder keys; that is its only side effect.
 """
 
@@ -14,13 +15,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 try:  # ComfyUI puts these top-level modules on sys.path; outside it they do not exist
     import comfy.model_management as model_management
     import comfy.utils as comfy_utils
     import folder_paths
+    from comfy.cli_args import LatentPreviewMethod
+    from comfy.cli_args import args as comfy_args
 except ImportError:
-    folder_paths = model_management = comfy_utils = None
+    folder_paths = model_management = comfy_utils = comfy_args = LatentPreviewMethod = None
 
 IN_COMFYUI = folder_paths is not None
 
@@ -203,6 +207,19 @@ class _NullProgressBar:
 def progress_bar(total: int):
     """ComfyUI's ProgressBar (shown on the running node), or a silent stand-in."""
     return comfy_utils.ProgressBar(total) if IN_COMFYUI else _NullProgressBar(total)
+
+
+def previews_enabled() -> bool:
+    """Whether ComfyUI wants sampling previews: its preview method for this prompt (the frontend's "Live preview
+    method" setting, else `--preview-method`) is not "none". Every other method gets the pack's own latent-to-RGB
+    preview (core's TAESD and latent2rgb factors do not cover Sana's DC-AE)."""
+    return IN_COMFYUI and comfy_args.preview_method != LatentPreviewMethod.NoPreviews
+
+
+def preview_image(rgb: torch.Tensor) -> tuple[str, Image.Image, int]:
+    """An RGB image (h, w, 3) uint8 -> the preview ComfyUI's ProgressBar sends to the frontend."""
+    max_size = comfy_args.preview_size if IN_COMFYUI else 512
+    return "JPEG", Image.fromarray(rgb.numpy()), max_size
 
 
 class InterruptProcessingException(Exception):

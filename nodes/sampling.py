@@ -1,13 +1,14 @@
 """Diffusion Sample: CONDITIONING -> images through a MetaQuery decoder (Sana is not in ComfyUI core, SD1.5 also works).
 
 The denoising loop, guidance and schedulers are `metaqueries_core.sampling`; this node only arranges the branches,
-reports progress, honours interrupts and converts the results to IMAGE and LATENT."""
+reports progress with live previews, honours interrupts and converts the results to IMAGE and LATENT."""
 
 from __future__ import annotations
 
 import torch
 
 from metaqueries_core.decoders import SCHEDULER_NAMES, DecoderAdapter
+from metaqueries_core.decoders.preview import rgb_projection
 from metaqueries_core.sampling import Guidance, denoise
 
 from . import comfy_env
@@ -144,10 +145,12 @@ class DiffusionSample:
                 f"{decoder.text_width}; use a MetaQuery checkpoint trained for this decoder"
             )
         bar = comfy_env.progress_bar(steps)
+        to_rgb = rgb_projection(decoder) if comfy_env.previews_enabled() else None
 
-        def on_step(i: int, total: int, latents: torch.Tensor) -> None:
+        def on_step(i: int, total: int, latents: torch.Tensor, denoised: torch.Tensor) -> None:
             comfy_env.throw_if_interrupted()
-            bar.update_absolute(i + 1, total)
+            preview = None if to_rgb is None else comfy_env.preview_image(to_rgb(denoised[0]))
+            bar.update_absolute(i + 1, total, preview)
 
         comfy_env.throw_if_interrupted()
         try:

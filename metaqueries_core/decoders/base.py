@@ -304,6 +304,12 @@ class DecoderAdapter(abc.ABC):
         return out.to(latents.dtype)  # (B, c, h, w)
 
     @abc.abstractmethod
+    def denoised(self, x_t: Tensor, output: Tensor, timestep: Tensor) -> Tensor:
+        """The clean latents ``x0`` that a model ``output`` implies at the model input ``x_t`` (both ``(B, c, h, w)``,
+        ``x_t`` as `predict` gets it, after the scheduler's ``scale_model_input``) and ``timestep`` (a scalar or
+        ``(B,)``, scheduler units, fractional allowed): what sampling previews show at each step."""
+
+    @abc.abstractmethod
     def training_inputs(self, x0: Tensor, noise: Tensor, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(x_t, timestep, target)`` for clean latents x0, noise (both ``(B, c, h, w)``) and u ``(B,)`` in [0, 1)."""
 

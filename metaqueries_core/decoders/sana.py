@@ -151,6 +151,11 @@ class SanaAdapter(DecoderAdapter):
             out = out[:, : self.latent_channels]  # (B, c, h, w)
         return out
 
+    def denoised(self, x_t: Tensor, output: Tensor, timestep: Tensor) -> Tensor:
+        """``x0 = x_t - s * output`` with ``s = timestep / num_train_timesteps`` (the flow is ``noise - x0``)."""
+        s = torch.as_tensor(timestep, device=x_t.device, dtype=x_t.dtype) / self.num_train_timesteps  # () or (B,)
+        return x_t - s.reshape(-1, 1, 1, 1) * output  # (B, c, h, w)
+
     def training_inputs(self, x0: Tensor, noise: Tensor, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """s = shift(u); ``x_t = (1 - s) x0 + s noise``, timestep ``s * num_train_timesteps``, target ``noise - x0``."""
         if x0.shape != noise.shape or u.shape != (x0.shape[0],):

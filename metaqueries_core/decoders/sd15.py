@@ -155,6 +155,21 @@ class SD15Adapter(DecoderAdapter):
             latents, timestep, encoder_hidden_states=cond, encoder_attention_mask=mask, return_dict=False
         )[0]  # (B, c, h, w)
 
+    def denoised(self, x_t: Tensor, output: Tensor, timestep: Tensor) -> Tensor:
+        """x0 from epsilon or v at the DDPM input ``x_t = sqrt(a) x0 + sqrt(1 - a) noise``, ``a`` = alphas_cumprod at
+        the timestep; between integer timesteps (Euler's) sigma = sqrt((1 - a) / a) is interpolated linearly, as the
+        Euler scheduler does."""
+        a = self.noise_scheduler.alphas_cumprod.double()  # (T,)
+        sigmas = ((1.0 - a) / a).sqrt()  # (T,)
+        t = torch.as_tensor(timestep).detach().double().cpu().clamp(0, len(a) - 1).reshape(-1)  # (B,) or (1,)
+        lo = t.floor().long()
+        hi = (lo + 1).clamp(max=len(a) - 1)
+        sigma = torch.lerp(sigmas[lo], sigmas[hi], t - lo)  # (B,)
+        a_t = (1.0 / (1.0 + sigma**2)).to(x_t).reshape(-1, 1, 1, 1)  # (B, 1, 1, 1)
+        if self.prediction_type == "epsilon":
+            return (x_t - (1.0 - a_t).sqrt() * output) / a_t.sqrt()  # (B, c, h, w)
+        return a_t.sqrt() * x_t - (1.0 - a_t).sqrt() * output  # v-prediction; (B, c, h, w)
+
     def training_inputs(self, x0: Tensor, noise: Tensor, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """t = floor(u * num_train_timesteps); ``x_t`` = DDPM add_noise; target = noise (epsilon) or velocity (v)."""
         if x0.shape != noise.shape or u.shape != (x0.shape[0],):

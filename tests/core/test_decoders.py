@@ -273,3 +273,29 @@ def test_gradients_reach_denoiser_not_vae(folders: dict[str, Path], family: str)
     assert all(not p.requires_grad and p.grad is None for p in adapter.vae.parameters())
     adapter.set_denoiser_trainable(False)
     assert adapter.trainable_parameters() == [] and not adapter.denoiser.training
+
+
+# ---- denoised estimates (sampling previews) ---------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["sana", "sd15", "sd15_v"])
+def test_denoised_inverts_the_training_inputs(adapters: dict[str, DecoderAdapter], name: str) -> None:
+    """Given the exact target as the model output, the estimate is the clean latents, at every noise level."""
+    adapter = adapters[name]
+    x0, noise = _latents(adapter, seed=6), _latents(adapter, seed=7)
+    x_t, t, target = adapter.training_inputs(x0, noise, torch.tensor([0.1, 0.9]))
+    torch.testing.assert_close(adapter.denoised(x_t, target, t), x0, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(adapter.denoised(x_t, 0.5 * target, t), x0, atol=1e-2)
+
+
+def test_denoised_at_euler_fractional_timesteps(adapters: dict[str, DecoderAdapter]) -> None:
+    """Euler steps at fractional timesteps (with linspace spacing) on sigma-scaled latents; the estimate from its
+    scaled model input and the true noise is the clean latents."""
+    adapter = adapters["sd15"]
+    euler = adapter.make_scheduler("euler")
+    sched = type(euler).from_config(euler.config, timestep_spacing="linspace")  # SD1.5's own "leading" is integer
+    sched.set_timesteps(7)
+    x0, noise = _latents(adapter, seed=8), _latents(adapter, seed=9)
+    assert any(float(t) != int(t) for t in sched.timesteps)
+    for sigma, t in zip(sched.sigmas, sched.timesteps):
+        sched._step_index = None  # scale_model_input looks the sigma up from t
+        x_in = sched.scale_model_input(x0 + sigma * noise, t)  # (B, c, h, w)
+        torch.testing.assert_close(adapter.denoised(x_in, noise, t), x0, atol=1e-4, rtol=1e-4)

@@ -98,7 +98,9 @@ def test_callback_runs_every_step_and_can_interrupt(mllm_loader, decoder_loader,
     class Stop(Exception):
         pass
 
-    def callback(i, total, latents):
+    def callback(i, total, latents, denoised):
+        f = decoder.spatial_factor
+        assert latents.shape == denoised.shape == (1, decoder.latent_channels, 32 // f, 32 // f)
         steps.append((i, total))
         if i == 1:
             raise Stop
@@ -176,3 +178,27 @@ def test_sampling_equals_the_diffusers_pipeline(decoder_loader, monkeypatch, dec
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     images = diffusers_pipeline(decoder, scheduler, cond, mask, b, "pt")  # (B, 3, H, W) in [0, 1]
     torch.testing.assert_close(decoder.decode(ours), images, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("decoder_family", DECODERS)
+def test_the_last_euler_step_lands_on_the_denoised_estimate(mllm_loader, decoder_loader, make_head, decoder_family):
+    """Euler's final step goes to noise level 0, so the latents it returns are the x0 its prediction implied: the
+    callback's `denoised` (what previews show) must equal them, for flow (Sana) and epsilon (SD1.5) decoders."""
+    mllm, decoder = mllm_loader("qwen2"), decoder_loader(decoder_family)
+    head = make_head(mllm, decoder)
+    cond, mask, k = encode_branches(mllm, head, ["a red circle"], guidance=Guidance(scale=3.0))
+    seen = []
+    final = denoise(
+        decoder,
+        cond,
+        mask,
+        branches=k,
+        height=32,
+        width=32,
+        steps=3,
+        scheduler="euler",
+        callback=lambda i, total, latents, denoised: seen.append(denoised),
+    )
+    assert len(seen) == 3
+    torch.testing.assert_close(seen[-1], final, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(seen[0], final, atol=1e-3)  # earlier estimates differ: the test can fail

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from conftest import SD15_TINY_CHECKPOINT
 
+from metaqueries_core.decoders import load_decoder
+from metaqueries_core.decoders.tiny import write_tiny_sana
 from metaqueries_core.sampling import Guidance, encode_branches, generate
 from nodes import Connector, Describe, DiffusionSample, EditConditioning, Encode, comfy_env
 from nodes.common import image_to_pil
@@ -127,20 +130,52 @@ def test_describe_answers_with_text(loaded):
     assert text_only == plain.generate_text(["hello"], max_new_tokens=3)[0]
 
 
-def test_describe_reports_progress_token_by_token(loaded, monkeypatch):
+def recording_bars(monkeypatch) -> list:
+    """Every progress bar the nodes make from now on, recording what ComfyUI's bar would show (value, preview)."""
     bars = []
 
-    class Bar(comfy_env._NullProgressBar):  # records what ComfyUI's bar would show
+    class Bar(comfy_env._NullProgressBar):
         def __init__(self, total):
             super().__init__(total)
-            self.shown = []
+            self.shown, self.previews = [], []
             bars.append(self)
 
         def update_absolute(self, value, total=None, preview=None):
             super().update_absolute(value, total)
             self.shown.append(self.current)
+            self.previews.append(preview)
 
     monkeypatch.setattr(comfy_env, "progress_bar", Bar)
+    return bars
+
+
+def test_sampling_shows_no_previews_unless_comfyui_asks(loaded, monkeypatch):
+    bars = recording_bars(monkeypatch)
+    pos = conditioning(loaded, "a red circle")
+    sample(loaded["sana"], pos, pos, steps=3)
+    (bar,) = bars
+    assert bar.shown == [1, 2, 3] and bar.previews == [None] * 3
+
+
+def test_sampling_previews_show_the_denoised_image(loaded, monkeypatch, tmp_path):
+    """In pixel space the fitted latent-to-RGB map is exact, and Euler's last step lands on its denoised estimate, so
+    the last preview is the output image; earlier ones are the estimates on the way there."""
+    decoder = load_decoder(write_tiny_sana(tmp_path / "pixel", pixel_space=True, caption_channels=64))
+    assert decoder.text_width == loaded["sana"].text_width
+    bars = recording_bars(monkeypatch)
+    monkeypatch.setattr(comfy_env, "previews_enabled", lambda: True)
+    pos, neg = conditioning(loaded, "a red circle"), conditioning(loaded, "")
+    image, _ = sample(decoder, pos, neg, width=32, height=48, batch_size=2, steps=3)
+    (bar,) = bars
+    assert bar.shown == [1, 2, 3] and [p[0] for p in bar.previews] == ["JPEG"] * 3
+    shown = [torch.tensor(np.array(p[1]), dtype=torch.float32) for p in bar.previews]  # (48, 32, 3) each: first sample
+    assert all(s.shape == (48, 32, 3) for s in shown)
+    assert (shown[-1] - image[0] * 255).abs().max() <= 1.0
+    assert (shown[0] - image[0] * 255).abs().max() > 10.0
+
+
+def test_describe_reports_progress_token_by_token(loaded, monkeypatch):
+    bars = recording_bars(monkeypatch)
     Describe().ask(loaded["mllm"], "what colour is it?", "", 5)
     (bar,) = bars
     assert bar.total == 5 and bar.shown[:-1] == list(range(1, len(bar.shown))) and bar.shown[-1] == 5
