@@ -3,7 +3,8 @@
 a temp file renamed into place.
 
 Format versions: 1 as first written; 2 adds `prompt_suffix`, `prompt_template`, `empty_prompt`, `lead_slots` and the
-connector's `out_norm_eps` and `final_norm` (defaults: what version 1 meant)."""
+connector's `out_norm_eps` and `final_norm` (defaults: what version 1 meant); 3 adds `image_crop` (default None: what
+versions 1 and 2 meant)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from .connector import ConnectorConfig
 from .head import HEAD_KEYS, MetaQueryHead
 from .state_fit import misfit
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 METADATA_KEY = "metaqueries_config"
 Stage = Literal["pretrain", "instruct"]
 
@@ -41,6 +42,7 @@ class MetaQueryConfig:
     prompt_template: str = ""  # a whole prompt with "{caption}" instead of the chat template (mllm.PromptLayout)
     empty_prompt: str | None = None  # with a template: the prompt of an empty caption
     lead_slots: int = 0  # learned slots before the queries, not read out (`queries.lead`)
+    image_crop: int | None = None  # input images scaled and centre-cropped to this square first (None: as they are)
     mllm_name: str = ""  # a hint for users (folder name), never used to pick code
     decoder_name: str = ""
     format_version: int = FORMAT_VERSION

@@ -7,6 +7,7 @@ from PIL import Image
 from torch import nn
 
 from .connector import Connector, ConnectorConfig
+from .images import resize_center_crop
 from .mllm import DEFAULT_SYSTEM_PROMPT, MLLMAdapter, PromptBatch, PromptLayout
 from .queries import MetaQueries
 from .state_fit import misfit
@@ -22,6 +23,7 @@ HEAD_KEYS = (
     "prompt_template",
     "empty_prompt",
     "lead_slots",
+    "image_crop",
 )
 
 
@@ -39,14 +41,20 @@ class MetaQueryHead(nn.Module):
         prompt_template: str = "",
         empty_prompt: str | None = None,
         lead_slots: int = 0,
+        image_crop: int | None = None,
     ) -> None:
         """`prompt_suffix`, `prompt_template`, `empty_prompt`: the caption's text beyond the chat template
         (`PromptLayout`); `lead_slots`: learned slots before the queries whose states are not read out (the
-        reference code's "\\n<begin_of_img>" is prompt_suffix "\\n" and one lead slot)."""
+        reference code's "\\n<begin_of_img>" is prompt_suffix "\\n" and one lead slot); `image_crop`: input images
+        are scaled and centre-cropped to this square before the MLLM's own processing (the reference trainer does
+        it at 384 for LLaVA-OneVision), or left as they are (None)."""
+        if image_crop is not None and image_crop < 1:
+            raise ValueError(f"image_crop must be a side in pixels >= 1 or None (no crop), got {image_crop!r}")
         super().__init__()
         # the prompt format is part of what was trained: it travels with the checkpoint, not with the MLLM
         self.system_prompt = system_prompt
         self.max_prompt_tokens = max_prompt_tokens
+        self.image_crop = image_crop
         self.layout = PromptLayout(suffix=prompt_suffix, template=prompt_template, empty=empty_prompt)
         self.queries = MetaQueries(
             num_queries=num_queries, width=connector.in_width, init_std=connector.init_std, lead_slots=lead_slots
@@ -69,6 +77,7 @@ class MetaQueryHead(nn.Module):
             "prompt_template": self.layout.template,
             "empty_prompt": self.layout.empty,
             "lead_slots": self.queries.lead_slots,
+            "image_crop": self.image_crop,
         }
 
     @classmethod
@@ -85,7 +94,9 @@ class MetaQueryHead(nn.Module):
     def prepare(
         self, mllm: MLLMAdapter, prompts: list[str], images: list[list[Image.Image]] | None = None
     ) -> PromptBatch:
-        """Tokenise with this head's prompt format and query count."""
+        """Tokenise with this head's prompt format and query count (input images cropped as it was trained)."""
+        if images is not None and self.image_crop is not None:
+            images = [[resize_center_crop(im, self.image_crop) for im in sample] for sample in images]
         return mllm.prepare(
             prompts,
             images,

@@ -75,6 +75,19 @@ def ensure_max_aspect(image: Image.Image, max_aspect: float | None) -> Image.Ima
     return padded
 
 
+def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
+    """The shorter side scaled to `size` (bilinear, aspect kept, the longer side truncated), then the centred `size` x
+    `size` square: torchvision's ``Resize(size)`` + ``CenterCrop(size)`` on a PIL image, which the reference trainer
+    applies to every LLaVA-OneVision input image."""
+    w, h = image.size
+    long = int(size * max(w, h) / min(w, h))
+    scaled = (size, long) if w <= h else (long, size)
+    if scaled != (w, h):
+        image = image.resize(scaled, Image.BILINEAR)
+    left, top = int(round((scaled[0] - size) / 2.0)), int(round((scaled[1] - size) / 2.0))
+    return image.crop((left, top, left + size, top + size))
+
+
 def pil_to_tensor(images: list[Image.Image]) -> torch.Tensor:
     """PIL images of one size -> (B, 3, H, W) float in [0, 1]."""
     arrays = [np.asarray(to_rgb(im), dtype=np.float32) / 255.0 for im in images]  # each (H, W, 3)

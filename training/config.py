@@ -60,6 +60,9 @@ class ModelSection:
     prompt_template: str = ""
     empty_prompt: str | None = None
     lead_slots: int = 0  # learned slots before the queries, not read out (reference imports: 1, its <begin_of_img>)
+    # input images (instruct stage) scaled and centre-cropped to this square before the MLLM's own processing, as the
+    # reference trains LLaVA-OneVision (384); None: the MLLM folder's processing alone
+    image_crop: int | None = None
     connector: ConnectorSection = field(default_factory=ConnectorSection)
     decoder_mode: Literal["frozen", "full", "lora"] = "frozen"  # the MLLM is always frozen
     lora_rank: int = 16
@@ -72,6 +75,7 @@ class ModelSection:
         at_least("model.num_queries", self.num_queries, 1)
         at_least("model.max_prompt_tokens", self.max_prompt_tokens, 1)
         at_least("model.lead_slots", self.lead_slots, 0)
+        at_least("model.image_crop", self.image_crop, 1, " (or null: no crop)")
         at_least("model.lora_rank", self.lora_rank, 1)
         above("model.train_shift", self.train_shift, 0, " (1.0 = uniform noise levels)")
 

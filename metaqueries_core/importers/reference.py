@@ -33,6 +33,9 @@ from .weights import WeightsFolder
 log = logging.getLogger(__name__)
 
 MODEL_TYPE = "metaquery"
+# the square the reference scales and centre-crops input images to, per MLLM family (its models/model.py sets a
+# Resize(384) + CenterCrop(384) for LLaVA-OneVision and nothing for Qwen2.5-VL)
+REFERENCE_IMAGE_CROP = {"llava_onevision": 384}
 CONNECTOR, BACKBONE, DECODER = "model.connector.", "model.mllm_backbone.", "model.transformer."
 PROJECTION = {"1": "proj.0", "3": "proj.2", "4": "proj.3"}  # Linear, (GELU), Linear, RMSNorm
 LAYER_RENAMES = (
@@ -209,8 +212,9 @@ def reference_parts(
     expected_depth = trainer_config.get("connector_num_hidden_layers")
     if expected_depth is not None and expected_depth != connector.depth:
         raise ValueError(f"config.json says {expected_depth} connector layers, the weights hold {connector.depth}")
+    family = mllm_family(weights)
     config = MetaQueryConfig(
-        mllm_family=mllm_family(weights),
+        mllm_family=family,
         mllm_width=queries.shape[1],
         num_queries=num_queries,
         connector=connector,
@@ -221,6 +225,7 @@ def reference_parts(
         max_prompt_tokens=trainer_config.get("max_input_text_tokens") or 256,
         prompt_suffix="\n",
         lead_slots=1,
+        image_crop=REFERENCE_IMAGE_CROP.get(family),
         mllm_name=Path(str(trainer_config.get("mllm_id", ""))).name,
         decoder_name=Path(str(trainer_config.get("diffusion_model_id", ""))).name,
         extra={"imported_from": "facebookresearch/metaquery trainer", "source": folder.name},

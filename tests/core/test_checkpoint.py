@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -30,12 +31,13 @@ def test_round_trip_is_exact(saved):
 
 
 def test_version_1_checkpoints_load_with_the_defaults_they_meant(saved, tmp_path):
-    """Version 2 added prompt_suffix, lead_slots and the connector's out_norm_eps; a version-1 file has none."""
+    """Version 2 added prompt_suffix, lead_slots and the connector's out_norm_eps, version 3 image_crop; a version-1
+    file has none."""
     path, head, _ = saved
     with safe_open(str(path), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
         data = json.loads(f.metadata()[ckpt.METADATA_KEY])
-    for key in ("prompt_suffix", "lead_slots"):
+    for key in ("prompt_suffix", "lead_slots", "image_crop"):
         del data[key]
     del data["connector"]["out_norm_eps"]
     data["format_version"] = 1
@@ -43,6 +45,7 @@ def test_version_1_checkpoints_load_with_the_defaults_they_meant(saved, tmp_path
     save_file(tensors, str(old), metadata={ckpt.METADATA_KEY: json.dumps(data), "format": "pt"})
     config, loaded, _ = ckpt.load_checkpoint(old)
     assert (config.prompt_suffix, config.lead_slots, config.connector.out_norm_eps) == ("", 0, 1e-6)
+    assert config.image_crop is None and loaded.image_crop is None
     states = torch.randn(2, head.num_queries, head.queries.width)
     torch.testing.assert_close(loaded.connect(states)[0], head.connect(states)[0], rtol=0, atol=0)
 
@@ -61,6 +64,28 @@ def test_lead_slots_and_prompt_suffix_round_trip(tmp_path, mllm_loader, decoder_
     batch = loaded.prepare(mllm, ["a red circle"])
     suffix_id = mllm.tokenizer("\n", add_special_tokens=False)["input_ids"][-1]
     assert batch.num_queries == 6 and batch.input_ids[0, -7] == suffix_id  # the suffix, then 2 + 4 slots
+
+
+def test_image_crop_round_trips_and_crops_what_the_mllm_sees(tmp_path, mllm_loader, decoder_loader, monkeypatch):
+    from metaqueries_core.connector import ConnectorConfig
+    from metaqueries_core.head import MetaQueryHead
+
+    mllm, decoder = mllm_loader("qwen2_5_vl"), decoder_loader("sana")
+    connector = ConnectorConfig(in_width=mllm.width, out_width=decoder.text_width, depth=1)
+    head = MetaQueryHead(num_queries=4, connector=connector, image_crop=28)
+    config = ckpt.config_for(head, mllm=mllm, decoder=decoder)
+    loaded_config, loaded, _ = ckpt.load_checkpoint(ckpt.save_checkpoint(tmp_path / "crop.safetensors", head, config))
+    assert loaded_config.image_crop == 28 and loaded.image_crop == 28
+    seen = []
+    original = mllm.prepare
+    monkeypatch.setattr(mllm, "prepare", lambda p, images, **kw: seen.append(images) or original(p, images, **kw))
+    wide = Image.new("RGB", (84, 56), (255, 0, 0))
+    wide.paste((0, 0, 255), (0, 0, 10, 56))  # a blue band on the left that the centre crop cuts away
+    loaded.prepare(mllm, ["make it green"], [[wide]])
+    (shown,) = seen[0][0]
+    assert shown.size == (28, 28) and shown.getcolors() == [(28 * 28, (255, 0, 0))]
+    with pytest.raises(ValueError, match="image_crop must be a side in pixels >= 1 or None"):
+        MetaQueryHead(num_queries=4, connector=connector, image_crop=0)
 
 
 def test_slot_embedding_round_trips(tmp_path, mllm_loader, decoder_loader, make_head):
@@ -196,7 +221,7 @@ def test_a_file_whose_tensors_do_not_fit_its_config_is_named(saved, tmp_path):
         (lambda d: {k: v for k, v in d.items() if k != "mllm_width"}, r"lacks the required keys \['mllm_width'\]"),
         (lambda d: {k: v for k, v in d.items() if k != "connector"}, r"ConnectorConfig is missing or not an object"),
         (lambda d: {**d, "connector": {**d["connector"], "typo": 1}}, r"ConnectorConfig has unknown keys \['typo'\]"),
-        (lambda d: {**d, "format_version": 3, "new_field": 1}, r"format version 3 is newer than this code's 2"),
+        (lambda d: {**d, "format_version": 4, "new_field": 1}, r"format version 4 is newer than this code's 3"),
         (lambda d: {**d, "format_version": "2"}, r"format_version must be an integer, got '2'"),
     ],
 )

@@ -116,6 +116,7 @@ def test_the_mllm_family_is_read_from_the_weights(family, reference, mllm_folder
     _, head, _ = load_checkpoint(tmp_path / "imported.safetensors")
     mllm = mllm_loader(family)
     assert config.mllm_family == family
+    assert config.image_crop == (384 if family == "llava_onevision" else None)  # as the reference feeds its images
     check_compatible(config, mllm=mllm)
     with torch.no_grad():
         states = head.states(mllm, head.prepare(mllm, ["a red circle"]))[0]

@@ -16,6 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from metaqueries_core.checkpoint import config_for, save_checkpoint
+from metaqueries_core.head import HEAD_KEYS
 from training.config import RunConfig
 from training.config_io import load_config
 from training.latent_cache import MANIFEST
@@ -194,8 +195,9 @@ def test_every_shipped_config_loads_strictly(path):
             str(Path(c.train.output_dir) / c.train.export_name): c for c in (load_config(RunConfig, p) for p in CONFIGS)
         }
         pre = source[cfg.model.init_checkpoint].model
-        assert (cfg.model.num_queries, cfg.model.connector) == (pre.num_queries, pre.connector)
-        assert (cfg.model.system_prompt, cfg.model.max_prompt_tokens) == (pre.system_prompt, pre.max_prompt_tokens)
+        assert {k: getattr(cfg.model, k) for k in HEAD_KEYS} == {k: getattr(pre, k) for k in HEAD_KEYS}
+    if "llava_ov" in path.stem:  # the reference feeds LLaVA-OneVision 384 x 384 centre crops
+        assert cfg.model.image_crop == 384
 
 
 def test_tiny_models_refuse_a_file_as_their_folder(tmp_path, capsys):
