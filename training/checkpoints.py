@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -16,14 +17,19 @@ from typing import Any
 STATE_FILE = "trainer_state.json"
 PREFIX = "step-"
 TEMP_PREFIX = ".tmp-"
+NAME = re.compile(rf"{PREFIX}(\d{{8,}})")  # what publish names a checkpoint; other folders (a user's copy) are not ones
+
+
+class DamagedCheckpoint(ValueError):
+    """A checkpoint's state file cannot be read; the message names it and how to go on."""
 
 
 def checkpoint_dirs(root: Path) -> list[Path]:
     """Complete checkpoints, oldest first (a complete one has been renamed from its temp name and has a state file)."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+    found = [p for p in root.iterdir() if p.is_dir() and NAME.fullmatch(p.name) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(NAME.fullmatch(p.name)[1]))
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -68,4 +74,20 @@ def publish(root: Path, tmp: Path, step: int, state: dict[str, Any], keep: int) 
 
 
 def read_state(checkpoint: Path) -> dict[str, Any]:
-    return json.loads((checkpoint / STATE_FILE).read_text())
+    path = checkpoint / STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DamagedCheckpoint(f"{str(path)!r} is damaged ({e}); {how_to_go_on(checkpoint)}") from e
+    if not isinstance(state, dict):
+        raise DamagedCheckpoint(
+            f"{str(path)!r} holds a JSON {type(state).__name__}, not an object; {how_to_go_on(checkpoint)}"
+        )
+    return state
+
+
+def how_to_go_on(checkpoint: Path) -> str:
+    """Advice for a checkpoint that cannot be resumed from."""
+    return (
+        f"delete {str(checkpoint)!r} to resume from the checkpoint before it, or start over with --train.overwrite=true"
+    )

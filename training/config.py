@@ -3,7 +3,7 @@ one (AdamW betas (0.9, 0.95), grad clip 0.5, cosine schedule with warm-up, 10% c
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
@@ -12,6 +12,20 @@ from metaqueries_core.toyworld.world import CAPTION_KINDS
 
 from .bounds import above, at_least, within
 from .data.transforms import validate_buckets
+
+MAX_SEED = 2**32 - 1  # numpy's and accelerate's set_seed limit
+
+
+def expand_home(value: str | None) -> str | None:
+    """A path option with a leading `~` expanded: `--key=~/x` reaches the program unexpanded (the shell expands `~`
+    only at the start of a word), and every reader of the path must see the same folder."""
+    return None if value is None else str(Path(value).expanduser()) if value.startswith("~") else value
+
+
+def given_beyond_default(section: object, names: tuple[str, ...]) -> list[str]:
+    """Which of `names` hold something other than their default: options a setting would silently ignore."""
+    defaults = {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(section)}
+    return [name for name in names if getattr(section, name) != defaults[name]]
 
 
 @dataclass
@@ -72,12 +86,19 @@ class ModelSection:
     train_shift: float = 1.0
 
     def __post_init__(self) -> None:
+        self.mllm, self.decoder = expand_home(self.mllm), expand_home(self.decoder)
+        self.init_checkpoint = expand_home(self.init_checkpoint)
         at_least("model.num_queries", self.num_queries, 1)
         at_least("model.max_prompt_tokens", self.max_prompt_tokens, 1)
         at_least("model.lead_slots", self.lead_slots, 0)
         at_least("model.image_crop", self.image_crop, 1, " (or null: no crop)")
         at_least("model.lora_rank", self.lora_rank, 1)
         above("model.train_shift", self.train_shift, 0, " (1.0 = uniform noise levels)")
+        if self.decoder_mode != "lora" and given_beyond_default(self, ("lora_rank",)):
+            raise ValueError(
+                f"model.lora_rank is set but model.decoder_mode={self.decoder_mode!r} trains no LoRA adapters; "
+                "set model.decoder_mode=lora or drop model.lora_rank"
+            )
 
 
 FORMAT_OPTIONS: dict[str, tuple[str, ...]] = {
@@ -87,6 +108,14 @@ FORMAT_OPTIONS: dict[str, tuple[str, ...]] = {
     "webdataset": ("split", "split_by", "caption_key", "instruction_key"),
 }
 FORMAT_OPTION_NAMES = sorted({name for names in FORMAT_OPTIONS.values() for name in names})
+FILE_OPTIONS = ("path", "resolution", "random_crop", "buckets")  # data read from files; not the toy world
+TOYWORLD_OPTIONS = (
+    "toyworld_size",
+    "toyworld_seed",
+    "toyworld_subject_fraction",
+    "toyworld_caption_fraction",
+    "toyworld_caption_mix",
+)
 
 
 @dataclass
@@ -116,7 +145,10 @@ class DataSection:
     latent_cache_dir: str | None = None  # None: OUTPUT_DIR/latent_cache; a shared folder lets runs reuse one cache
 
     def __post_init__(self) -> None:
+        self.path, self.latent_cache_dir = expand_home(self.path), expand_home(self.latent_cache_dir)
         at_least("data.resolution", self.resolution, 1)
+        at_least("data.toyworld_size", self.toyworld_size, 1)
+        within("data.toyworld_seed", self.toyworld_seed, 0, MAX_SEED)
         given = [name for name in FORMAT_OPTION_NAMES if getattr(self, name) not in (None, "auto")]
         if wrong := [name for name in given if name not in FORMAT_OPTIONS[self.kind]]:
             allowed = ", ".join(f"data.{n}" for n in FORMAT_OPTIONS[self.kind]) or "none of them"
@@ -134,6 +166,19 @@ class DataSection:
             raise ValueError(f"data.{' + '.join(shares)} must be shares in [0, 1] adding up to at most 1, got {shares}")
         if self.toyworld_caption_mix is not None:
             check_caption_mix(self.toyworld_caption_mix)
+        self._refuse_options_of_other_kinds()
+
+    def _refuse_options_of_other_kinds(self) -> None:
+        """The toy world makes its own images at its own size; files on disk have no toy-world settings."""
+        if self.kind == "toyworld":
+            ignored, instead = given_beyond_default(self, FILE_OPTIONS), "data.toyworld_size sets the image size"
+        else:
+            ignored, instead = given_beyond_default(self, TOYWORLD_OPTIONS), "they only shape the toy world"
+        if ignored:
+            raise ValueError(
+                f"{', '.join(f'data.{n}' for n in ignored)} would be ignored with data.kind={self.kind!r} ({instead}); "
+                "drop them or choose the data.kind they belong to"
+            )
 
 
 def check_caption_mix(mix: dict[str, float]) -> None:
@@ -200,6 +245,15 @@ class TrainSection:
     export_name: str = "metaquery.safetensors"
 
     def __post_init__(self) -> None:
+        self.output_dir = expand_home(self.output_dir)
+        if not self.output_dir.strip():
+            raise ValueError("train.output_dir is empty: give the folder the run writes its checkpoints and export to")
+        within("train.seed", self.seed, 0, MAX_SEED)
+        if self.resume and self.overwrite:
+            raise ValueError(
+                "train.resume and train.overwrite are both true: resume continues the checkpoints that overwrite "
+                "deletes; choose one"
+            )
         for name in ("drop_caption", "drop_both", "drop_images"):
             within(f"train.{name}", getattr(self, name), 0.0, 1.0, why=" (a probability)")
         if self.drop_caption + self.drop_both + self.drop_images > 1.0:
@@ -226,3 +280,10 @@ class RunConfig:
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
+
+    def __post_init__(self) -> None:
+        if self.model.decoder_mode == "frozen" and self.optim.decoder_lr is not None:
+            raise ValueError(
+                "optim.decoder_lr is set but model.decoder_mode='frozen' trains no decoder; set model.decoder_mode "
+                "(full or lora) or drop optim.decoder_lr"
+            )

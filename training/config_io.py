@@ -54,11 +54,7 @@ def load_config(cls: type[T], yaml_path: str | os.PathLike[str] | None = None, o
     """
     raw: dict[str, Any] = {}
     if yaml_path is not None:
-        with open(yaml_path, encoding="utf-8") as f:
-            try:
-                loaded = yaml.safe_load(f)
-            except yaml.YAMLError as e:
-                raise ConfigError(f"could not parse YAML config {os.fspath(yaml_path)!r}: {e}") from e
+        loaded = read_yaml(yaml_path)
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -67,10 +63,42 @@ def load_config(cls: type[T], yaml_path: str | os.PathLike[str] | None = None, o
                 f"got {type(loaded).__name__}"
             )
         raw = loaded
+    given: dict[str, str] = {}
     for arg in overrides:
         dotted, text = parse_override(arg)
+        if dotted in given:  # the last would win unseen; a script that appends overrides must mean one of them
+            raise ConfigError(f"--{dotted} is given twice ({given[dotted]!r} and {text!r}); give it once")
+        given[dotted] = text
         _apply_override(cls, raw, dotted, text)
     return config_from_dict(cls, raw)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load silently keeps the last of two equal keys in a mapping; a config holding a key twice is refused
+    (one of the two values would be ignored)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"key {key!r} appears twice in one mapping (line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: str | os.PathLike[str]) -> Any:
+    """The YAML document at `path`; ConfigError naming the file when it is not a readable UTF-8 YAML file."""
+    name = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.load(f, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except (OSError, UnicodeDecodeError) as e:  # missing, a folder, no permission, not text
+        raise ConfigError(f"cannot read YAML config {name!r}: {e}") from e
+    except ConfigError as e:
+        raise ConfigError(f"YAML config {name!r}: {e}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"could not parse YAML config {name!r}: {e}") from e
 
 
 def parse_override(arg: str) -> tuple[str, str]:

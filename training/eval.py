@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -192,12 +193,14 @@ def main(argv: list[str] | None = None) -> int:
             )
     except ConfigError as err:
         parser.error(str(err))  # exits 2 with the usage and what was wrong
+    out = args.out or args.models.parent / "scores.json"
+    if problem := cannot_write(out):  # found now, not after minutes of scoring
+        parser.error(f"--out {str(out)!r}: {problem}")
     log.info("scoring with %s", f"the settings in {found}" if found else "the default job's settings")
     try:
         mllm, head, decoder = load_exported(args.models)
     except (FileNotFoundError, ValueError) as err:  # missing, unreadable or mismatched models
         parser.error(f"{err} (MODELS is the models/ folder a toy job exported, e.g. outputs/toy/models)")
-    out = args.out or args.models.parent / "scores.json"
     scores = evaluate(
         mllm,
         head,
@@ -206,9 +209,23 @@ def main(argv: list[str] | None = None) -> int:
         **job.eval_settings(),
         grid_path=out.with_suffix(".png"),
     )
-    out.write_text(json.dumps(scores, indent=2))
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(scores, indent=2))
+    os.replace(tmp, out)  # a whole file or the previous one
     print(json.dumps(scores, indent=2))
     return 0
+
+
+def cannot_write(path: Path) -> str | None:
+    """Why the scores (and the sample grid next to them) cannot be written to `path`, or None."""
+    if not path.name or path.name in (".", ".."):
+        return "give a file name, e.g. scores.json"
+    if path.is_dir():
+        return "it is a folder; give a file name in it, e.g. scores.json"
+    parent = path.parent
+    if parent.exists() and not (parent.is_dir() and os.access(parent, os.W_OK)):
+        return f"{str(parent)!r} is not a folder this process can write to"
+    return None
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 CACHE_VERSION = 1
 MANIFEST = "manifest.json"
 SHARD_SIZE = 512  # latents per safetensors file: bounded memory while encoding, few open files while reading
+CACHE_FILE = re.compile(r"rank\d{5}(-\d{5}\.safetensors|\.json)")  # what encode_share writes
+OWN_FILES = {MANIFEST, f"{Path(MANIFEST).stem}.tmp"}
 
 
 class LatentCache:
@@ -134,6 +137,13 @@ def cache_folder(cfg: RunConfig) -> Path:
     return Path(cfg.data.latent_cache_dir or Path(cfg.train.output_dir) / "latent_cache")
 
 
+def foreign_entries(folder: Path) -> list[str]:
+    """Names in `folder` that a latent cache never writes: a folder holding any is not one, and is never deleted."""
+    return sorted(
+        p.name for p in folder.iterdir() if not (p.is_file() and CACHE_FILE.fullmatch(p.name) or p.name in OWN_FILES)
+    )
+
+
 def stale_because(found: dict[str, Any] | None, want: dict[str, Any]) -> str:
     """Why a cache whose manifest holds fingerprint ``found`` (None: no manifest) cannot serve ``want``."""
     if found is None:
@@ -152,6 +162,12 @@ def prepare_latent_cache(cfg: RunConfig, decoder: DecoderAdapter, acc: Accelerat
     manifest = folder / MANIFEST
     found = json.loads(manifest.read_text()).get("fingerprint", {}) if manifest.is_file() else None
     reuse = found == want
+    if not reuse and folder.is_dir() and (foreign := foreign_entries(folder)):  # every process sees the same folder
+        raise SetupError(
+            f"the latent cache folder {str(folder)!r} (data.latent_cache_dir) holds files a cache does not write "
+            f"({', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}); it is not deleted to rebuild the cache "
+            "there: give a new or empty folder"
+        )
     acc.wait_for_everyone()  # every process has decided from the same manifest before anyone changes it
     if reuse:
         log.info("reusing the latent cache in %s", folder)

@@ -62,6 +62,12 @@ def build_head(cfg: ModelSection, mllm: MLLMAdapter, decoder: DecoderAdapter) ->
     if cfg.init_checkpoint:
         config, head, decoder_state = load_checkpoint(cfg.init_checkpoint)
         check_compatible(config, mllm=mllm, decoder=decoder)
+        tensors = {**head.state_dict(), **{f"decoder.{k}": v for k, v in decoder_state.items()}}
+        if bad := [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]:
+            raise ValueError(
+                f"model.init_checkpoint {cfg.init_checkpoint!r} holds inf / NaN values in {bad[:5]}: it was saved from "
+                "a diverged run; start from an earlier export"
+            )
         if differences := head_differences(cfg, connector, config):
             raise ValueError(
                 f"model.init_checkpoint {cfg.init_checkpoint!r} holds a different head than this config describes: "

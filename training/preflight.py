@@ -4,10 +4,13 @@ and the errors the CLI turns into a one-line message instead of a traceback."""
 from __future__ import annotations
 
 import glob
+import os
 from pathlib import Path
 
 from . import checkpoints
 from .config import RunConfig
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json")  # what a run writes besides checkpoints and its export
 
 
 class SetupError(ValueError):
@@ -35,7 +38,7 @@ def _data_path_exists(kind: str, path: str) -> bool:
 
 def check_run(cfg: RunConfig) -> None:
     """Raise SetupError naming the key for every problem that can be seen from the config and the file system."""
-    m, d, t = cfg.model, cfg.data, cfg.train
+    m, d = cfg.model, cfg.data
     _need_folder("model.mllm", m.mllm, "Hugging Face MLLM (config.json, weights, tokenizer)")
     _need_folder("model.decoder", m.decoder, "diffusers decoder (transformer/ or unet/, vae/)")
     if m.init_checkpoint and not Path(m.init_checkpoint).expanduser().is_file():
@@ -50,9 +53,47 @@ def check_run(cfg: RunConfig) -> None:
             "data.cache_latents needs deterministic targets, but data.random_crop is true (every epoch crops anew, "
             "so a latent encoded once would be wrong); set data.random_crop=false or data.cache_latents=false"
         )
-    ckpt_root = Path(t.output_dir) / "checkpoints"
-    if not t.resume and not t.overwrite and checkpoints.checkpoint_dirs(ckpt_root):
+    check_output_dir(cfg)
+    check_cache_dir(cfg)
+
+
+def check_output_dir(cfg: RunConfig) -> None:
+    """A folder this run can write, holding no earlier run unless the run continues it or starts it over."""
+    t = cfg.train
+    out = Path(t.output_dir)
+    if out.exists() and not out.is_dir():
+        raise SetupError(f"train.output_dir {t.output_dir!r} is a file; give a folder")
+    made = next(p for p in (out, *out.absolute().parents) if p.exists())  # the run creates the rest
+    if not made.is_dir() or not os.access(made, os.W_OK | os.X_OK):  # access() also says no on a read-only mount
+        raise SetupError(f"train.output_dir {t.output_dir!r} cannot be written: {str(made)!r} is not a writable folder")
+    if (out / t.export_name).is_dir():
+        raise SetupError(f"{str(out / t.export_name)!r} is a folder; the run exports its checkpoint to that path")
+    # what a run leaves once it has trained: a run stopped before its first logged step (bad data) left nothing to keep
+    earlier = [name for name in RUN_FILES + (t.export_name,) if (out / name).is_file() and (out / name).stat().st_size]
+    earlier = [name for name in earlier if name != "config.yaml"]
+    if checkpoints.checkpoint_dirs(out / "checkpoints"):
+        earlier.insert(0, "checkpoints/")
+    if earlier and not t.resume and not t.overwrite:
         raise SetupError(
-            f"{str(ckpt_root)!r} already holds checkpoints of an earlier run; pass --train.resume=true to continue "
-            "it, --train.overwrite=true to start over (deleting them), or choose another train.output_dir"
+            f"{t.output_dir!r} already holds an earlier run ({', '.join(earlier)}); pass --train.resume=true to "
+            "continue it, --train.overwrite=true to start over (replacing it), or choose another train.output_dir"
         )
+
+
+def check_cache_dir(cfg: RunConfig) -> None:
+    """The latent cache folder is rebuilt by deleting it: it must not be, or hold, the run's or the data's files."""
+    if not cfg.data.cache_latents or not cfg.data.latent_cache_dir:
+        return
+    cache = Path(cfg.data.latent_cache_dir).resolve()
+    if cache.exists() and not cache.is_dir():
+        raise SetupError(f"data.latent_cache_dir {cfg.data.latent_cache_dir!r} is a file; give a folder")
+    keep = {"train.output_dir": cfg.train.output_dir}
+    if cfg.data.kind != "toyworld" and not any(c in cfg.data.path for c in "*?[{"):
+        keep["data.path"] = cfg.data.path
+    for key, value in keep.items():
+        other = Path(value).resolve()
+        if cache == other or cache in other.parents or (key == "data.path" and other in cache.parents):
+            raise SetupError(
+                f"data.latent_cache_dir {cfg.data.latent_cache_dir!r} overlaps {key} {value!r}; a stale cache is "
+                "deleted to be rebuilt, so it needs a folder of its own"
+            )

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         return reported(lambda: run_toy_job(argv), resume)
     try:
         cfg = load_config(RunConfig, config_path, argv)
-    except (ConfigError, FileNotFoundError) as e:  # FileNotFoundError: the YAML file itself
+    except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     from .trainer import train
@@ -68,13 +68,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def reported(run, resume: str) -> int:
     """`run()`'s exit code, with the errors a run can stop on turned into one line and their exit code."""
+    from safetensors import SafetensorError
+
     from .data import NoUsableSampleError
     from .preflight import SetupError, TrainingDiverged
 
     try:
         return run()
-    except (SetupError, NoUsableSampleError, FileNotFoundError, NotADirectoryError, FileExistsError) as e:
+    except (SetupError, NoUsableSampleError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (OSError, SafetensorError) as e:  # the file system (full disk, permissions, a missing or damaged file)
+        print(f"error: {e}; {resume}", file=sys.stderr)
         return 1
     except TrainingDiverged as e:
         print(f"training stopped: {e}", file=sys.stderr)

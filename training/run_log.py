@@ -13,6 +13,8 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, gather_object
 from torch import nn
 
+from .preflight import SetupError
+
 log = logging.getLogger(__name__)
 
 # Replicas hold whole copies of the trained weights only under plain data parallelism; FSDP / DeepSpeed shard them.
@@ -59,7 +61,9 @@ def _records(path: Path) -> list[tuple[str, dict[str, Any]]]:
             if number == len(lines) and not text.endswith("\n"):
                 log.warning("%s: dropped its last line, cut short when the run was killed: %r", path, line[:80])
                 break
-            raise ValueError(f"{path} line {number} is not a JSON record ({e}): {line[:80]!r}") from e
+            raise SetupError(
+                f"{path} line {number} is not a JSON record ({e}): {line[:80]!r}; mend or delete that line to resume"
+            ) from e
     return out
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import shutil
 import time
 from collections import Counter
@@ -14,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, gather_object, set_seed
+from accelerate.utils import DistributedType, gather_object, is_tensorboard_available, is_wandb_available, set_seed
+from safetensors import SafetensorError
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -41,7 +43,7 @@ from .model_setup import (
     set_decoder_mode,
 )
 from .optim import current_rates, make_optimizer, set_base_rates
-from .preflight import SetupError, TrainingDiverged, check_run
+from .preflight import RUN_FILES, SetupError, TrainingDiverged, check_run
 from .resume_check import resume_problems
 from .run_log import MetricsLog, replica_fingerprints, write_summary
 from .samples import write_sample_grid
@@ -91,11 +93,18 @@ def has_accelerator() -> bool:
     return api.is_available() if api is not None and hasattr(api, "is_available") else torch.cuda.is_available()
 
 
+TRACKERS = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
+
+
 def make_accelerator(cfg: RunConfig, out: Path) -> Accelerator:
     mp = cfg.train.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() else "no"
+    if mp == "fp16" and not has_accelerator():  # accelerate would run it in fp32 without a word
+        raise SetupError("train.mixed_precision=fp16 needs a GPU; on CPUs use bf16 or no (or auto)")
     log_with = None if cfg.train.report_to == "none" else cfg.train.report_to
+    if log_with and not TRACKERS[log_with]():  # accelerate would only warn and log nowhere
+        raise SetupError(f"train.report_to={log_with!r} but {log_with} is not installed; pip install {log_with}")
     # without cpu=True accelerate treats `torchrun --nproc_per_node=N` on a machine without GPUs as N separate
     # single-process runs (each "rank 0", all writing the same folder) instead of one gloo process group
     try:
@@ -155,6 +164,22 @@ def check_fsdp_wrap(acc: Accelerator, module: nn.Module) -> None:
         )
 
 
+def check_image_sizes(cfg: RunConfig, decoder: DecoderAdapter) -> None:
+    """Every training image size fits the decoder's latent grid: refused now, not at the first step's VAE encode."""
+    d = cfg.data
+    if d.kind == "toyworld":
+        key, sizes = "data.toyworld_size", [(d.toyworld_size, d.toyworld_size)]
+    elif d.buckets:
+        key, sizes = "data.buckets", [(w, h) for w, h in d.buckets]
+    else:
+        key, sizes = "data.resolution", [(d.resolution, d.resolution)]
+    for w, h in sizes:
+        try:
+            decoder.latent_shape(1, h, w)
+        except ValueError as e:
+            raise SetupError(f"{key}: {e}") from e
+
+
 def setup(cfg: RunConfig) -> Run:
     """Accelerator, data, frozen models, the head, what trains, the latent cache, optimizer; all prepared."""
     acc = make_accelerator(cfg, Path(cfg.train.output_dir))
@@ -169,6 +194,7 @@ def setup(cfg: RunConfig) -> Run:
         head = build_head(cfg.model, mllm, decoder)
     except (ValueError, OSError) as e:  # unsupported family, broken folder, init checkpoint for other models
         raise SetupError(f"cannot set up the models: {e}") from e
+    check_image_sizes(cfg, decoder)
     set_decoder_mode(decoder, cfg.model.decoder_mode, cfg.model.lora_rank)
     log.info("trainable parameter values per role: %s", count_trainable(mllm, head, decoder))
     head.connector.gradient_checkpointing = cfg.train.gradient_checkpointing
@@ -362,22 +388,37 @@ def save_training_state(
     acc.wait_for_everyone()
 
 
+def start_over(root: Path, export_name: str) -> None:
+    """train.overwrite: delete what an earlier run left in the output folder (its checkpoints, record and export),
+    so nothing of it outlives this run's start."""
+    out = root.parent
+    earlier = [out / name for name in (*RUN_FILES, export_name) if (out / name).is_file()]
+    if root.exists() or earlier:
+        log.warning("train.overwrite: deleting the earlier run in %s", out)
+    if root.exists():
+        shutil.rmtree(root)
+    for path in earlier:
+        path.unlink()
+
+
 def find_resume(acc: Accelerator, cfg: RunConfig, root: Path) -> tuple[Path, dict] | None:
     """With `train.resume`, the newest complete checkpoint and its state, checked against this run (process count,
     config: `resume_check`) before any data, model or latent cache is touched; None to start at step 0."""
     if acc.is_main_process:
         for stale in checkpoints.remove_leftovers(root):
             log.warning("removed %s, the unfinished save of a killed run", stale)
-        if cfg.train.overwrite and not cfg.train.resume and root.exists():
-            log.warning("train.overwrite: deleting the checkpoints of an earlier run in %s", root)
-            shutil.rmtree(root)
+        if cfg.train.overwrite:
+            start_over(root, cfg.train.export_name)
     acc.wait_for_everyone()
     latest = checkpoints.latest_checkpoint(root) if cfg.train.resume else None
     if latest is None:
         if cfg.train.resume:
             log.info("train.resume: no checkpoint in %s yet, starting at step 0", root)
         return None
-    state = checkpoints.read_state(latest)
+    try:
+        state = checkpoints.read_state(latest)
+    except checkpoints.DamagedCheckpoint as e:
+        raise SetupError(f"train.resume: {e}") from e
     if state["world_size"] != acc.num_processes:
         raise SetupError(
             f"{latest} was written by {state['world_size']} processes, this run has {acc.num_processes}; resume with "
@@ -403,7 +444,10 @@ def restore(run: Run) -> tuple[Progress, bool]:
     latest, state = run.resume
     acc = run.acc
     rates = current_rates(run.scheduler)
-    acc.load_state(str(latest))
+    try:
+        acc.load_state(str(latest))
+    except (SafetensorError, OSError, EOFError, pickle.UnpicklingError, RuntimeError) as e:  # a damaged file
+        raise SetupError(f"train.resume: cannot load {str(latest)!r} ({e}); {checkpoints.how_to_go_on(latest)}") from e
     set_base_rates(run.scheduler, rates)  # the config's rates, not the checkpoint's (e.g. lowered after a divergence)
     mine = state["ranks"][acc.process_index]
     run.data.skips.counts.update(mine["skips"])

@@ -49,6 +49,11 @@ from training.config_io import ConfigError, load_config
         ("--train.sample_prompts=[]", "train.sample_prompts is empty while train.sample_every > 0"),
         ("--train.export_name=", "train.export_name must be a file name ending in .safetensors"),
         ("--train.export_name=out/x.safetensors", r"no folder; it is written into train.output_dir\), got 'out/x"),
+        ("--train.seed=-1", r"train.seed must be in \[0, 4294967295\], got -1"),
+        ("--train.seed=4294967296", r"train.seed must be in \[0, 4294967295\]"),
+        ("--data.toyworld_seed=-1", r"data.toyworld_seed must be in \[0, 4294967295\]"),
+        ("--data.toyworld_size=0", "data.toyworld_size must be >= 1"),
+        ("--train.output_dir=", "train.output_dir is empty"),
         ("--optim.lr=nan", "config key 'optim.lr' must be a finite number"),
         ("--train.guidance=inf", "config key 'train.guidance' must be a finite number"),
     ],
@@ -93,3 +98,59 @@ def test_bounds_pass_none_and_the_closed_ends_and_refuse_the_open_ones():
         for check in (lambda v: at_least("x", v, 1), lambda v: above("x", v, 0), lambda v: within("x", v, 0, 1)):
             with pytest.raises(ValueError, match="x must be a finite number"):
                 check(value)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["--data.resolution=64"], r"data.resolution would be ignored with data.kind='toyworld'"),
+        (["--data.path=/data/cc3m", "--data.random_crop=true"], r"data.path, data.random_crop would be ignored"),
+        (["--data.kind=jsonl", "--data.path=x", "--data.toyworld_size=64"], r"data.toyworld_size would be ignored"),
+        (["--train.resume=true", "--train.overwrite=true"], "train.resume and train.overwrite are both true"),
+        (["--optim.decoder_lr=1e-5"], r"optim.decoder_lr is set but model.decoder_mode='frozen' trains no decoder"),
+        (["--model.decoder_mode=full", "--model.lora_rank=4"], r"model.lora_rank is set but model.decoder_mode='full'"),
+    ],
+)
+def test_options_the_run_would_ignore_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(RunConfig, None, overrides)
+
+
+def test_the_options_of_the_chosen_kind_and_mode_are_accepted():
+    cfg = load_config(RunConfig, None, ["--data.kind=jsonl", "--data.path=x", "--data.resolution=64"])
+    assert cfg.data.resolution == 64
+    cfg = load_config(RunConfig, None, ["--model.decoder_mode=lora", "--model.lora_rank=4", "--optim.decoder_lr=1e-5"])
+    assert (cfg.model.lora_rank, cfg.optim.decoder_lr) == (4, 1e-5)
+
+
+def test_paths_starting_with_a_tilde_are_expanded_everywhere(monkeypatch, tmp_path):
+    """`--key=~/x` reaches the program unexpanded; every reader must see the same folder."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config(
+        RunConfig,
+        None,
+        ["--model.mllm=~/m", "--model.init_checkpoint=~/c.safetensors", "--train.output_dir=~/out"]
+        + ["--data.kind=jsonl", "--data.path=~/d.jsonl", "--data.latent_cache_dir=~/cache"],
+    )
+    got = (cfg.model.mllm, cfg.model.init_checkpoint, cfg.train.output_dir, cfg.data.path, cfg.data.latent_cache_dir)
+    assert got == tuple(str(tmp_path / n) for n in ("m", "c.safetensors", "out", "d.jsonl", "cache"))
+
+
+def test_a_key_given_twice_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"--train.steps is given twice \('3' and '5'\)"):
+        load_config(RunConfig, None, ["--train.steps=3", "--train.steps=5"])
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("train:\n  steps: 3\nmodel:\n  num_queries: 8\ntrain:\n  seed: 1\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml.*key 'train' appears twice in one mapping \(line 5\)"):
+        load_config(RunConfig, twice)
+
+
+@pytest.mark.parametrize("make", ["folder", "latin1", "missing"])
+def test_an_unreadable_config_file_is_a_config_error(tmp_path, make):
+    path = tmp_path / "c.yaml"
+    if make == "folder":
+        path.mkdir()
+    elif make == "latin1":
+        path.write_bytes("train:\n  output_dir: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"cannot read YAML config .*c.yaml"):
+        load_config(RunConfig, path)

@@ -18,6 +18,7 @@ from training.config_io import load_config
 from training.data import open_dataset
 from training.datasets import open_training_data
 from training.latent_cache import dataset_files, files_digest, prepare_latent_cache
+from training.preflight import SetupError, check_cache_dir
 
 
 class CountingVae:
@@ -104,3 +105,34 @@ def test_dataset_files_cover_every_kind(tmp_path):
     missing = files_digest([str(tmp_path / "gone.png")])
     (tmp_path / "gone.png").write_bytes(b"now here")
     assert files_digest([str(tmp_path / "gone.png")]) != missing
+
+
+def test_a_folder_that_is_not_a_cache_is_never_deleted(tmp_path):
+    """A stale cache is deleted to be rebuilt; a latent_cache_dir pointed at anything else (a dataset, a run) must
+    be refused with its files left as they were."""
+    data = jsonl_folder(tmp_path / "data")
+    victim = tmp_path / "victim"
+    (victim / "sub").mkdir(parents=True)
+    (victim / "important.txt").write_text("precious")
+    args = ["--data.kind=jsonl", f"--data.path={data}", "--data.resolution=8", "--data.cache_latents=true"]
+    args += ["--train.batch_size=2", "--train.steps=2", f"--data.latent_cache_dir={victim}"]
+    cfg = load_config(RunConfig, None, args)
+    dataset = open_training_data(cfg, rank=0, world_size=1)
+    with pytest.raises(SetupError, match=r"holds files a cache does not write \(important.txt, sub\)"):
+        prepare_latent_cache(cfg, CountingVae(), Accelerator(cpu=True), dataset)
+    assert (victim / "important.txt").read_text() == "precious" and (victim / "sub").is_dir()
+    (victim / "important.txt").unlink()
+    (victim / "sub").rmdir()
+    (victim / "rank00000.json").write_text("{}")  # what an interrupted build leaves: rebuilt
+    assert len(prepare_latent_cache(cfg, CountingVae(), Accelerator(cpu=True), dataset)) == 4
+
+
+@pytest.mark.parametrize("where", ["output_dir", "inside_data", "data"])
+def test_a_cache_folder_overlapping_the_run_or_the_data_is_refused(tmp_path, where):
+    data = jsonl_folder(tmp_path / "data")
+    out = tmp_path / "run"
+    cache = {"output_dir": out, "inside_data": data / "cache", "data": data}[where]
+    args = ["--data.kind=jsonl", f"--data.path={data}", "--data.resolution=8", "--data.cache_latents=true"]
+    cfg = load_config(RunConfig, None, [*args, f"--data.latent_cache_dir={cache}", f"--train.output_dir={out}"])
+    with pytest.raises(SetupError, match="overlaps .* a stale cache is deleted to be rebuilt"):
+        check_cache_dir(cfg)

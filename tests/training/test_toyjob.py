@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import pytest
 import yaml
+from mq_testutil import merged
 
 from training import trainer
 from training.eval import main as eval_main
@@ -93,7 +94,7 @@ def test_short_chain_exports_models_scores_and_reuses_stages(tmp_path, monkeypat
     assert mtimes() == first
 
     # a changed setting redoes its stage and those after it, and nothing before
-    assert run_main([f"--out={out}", *TINY, "--instruct_steps=3"]) == 0
+    assert run_main([f"--out={out}", *merged(TINY, ["--instruct_steps=3"])]) == 0
     second = mtimes()
     assert [second[k] == first[k] for k in first] == [True, True, True, True, False]
     assert json.loads((out / "work" / "instruct" / STAMP).read_text())["instruct_steps"] == 3
@@ -102,7 +103,7 @@ def test_short_chain_exports_models_scores_and_reuses_stages(tmp_path, monkeypat
     # if its input came out byte-identical (training on a CPU is usually, not always, bit-reproducible)
     work = out / "work"
     (work / "pretrain" / STAMP).unlink()
-    assert run_main([f"--out={out}", *TINY, "--instruct_steps=3"]) == 0
+    assert run_main([f"--out={out}", *merged(TINY, ["--instruct_steps=3"])]) == 0
     third = mtimes()
     assert [third[k] == second[k] for k in first][:4] == [True, True, True, False]
     instruct_inputs = json.loads((work / "instruct" / STAMP).read_text())
@@ -113,12 +114,12 @@ def test_short_chain_exports_models_scores_and_reuses_stages(tmp_path, monkeypat
     # an earlier stage's output that changed (here: replaced by another checkpoint) redoes the stages after it
     shutil.copy2(work / "instruct" / "metaquery.safetensors", work / "pretrain" / "metaquery.safetensors")
     before = mtimes()
-    assert run_main([f"--out={out}", *TINY, "--instruct_steps=3"]) == 0
+    assert run_main([f"--out={out}", *merged(TINY, ["--instruct_steps=3"])]) == 0
     assert [mtimes()[k] == before[k] for k in first] == [True, True, True, True, False]
 
     # more understanding questions: the reused MLLM's "before" answers are measured again (not 6 against 8)
     before = mtimes()
-    assert run_main([f"--out={out}", *TINY, "--instruct_steps=3", "--eval_questions=8"]) == 0
+    assert run_main([f"--out={out}", *merged(TINY, ["--instruct_steps=3", "--eval_questions=8"])]) == 0
     assert mtimes() == before
     record = json.loads((work / "mllm" / "understanding.json").read_text())
     assert len(record["eval_seen"]["answers"]) == 8
@@ -127,17 +128,17 @@ def test_short_chain_exports_models_scores_and_reuses_stages(tmp_path, monkeypat
     # a run with other settings that stops before its export leaves the record of the exported models, which
     # training.eval scores them with, and no half export; a run that cannot go on says so in one line
     monkeypatch.setattr(trainer, "train", lambda cfg: (_ for _ in ()).throw(KeyboardInterrupt()))
-    assert run_main([f"--out={out}", *TINY, "--instruct_steps=4"]) == 130
+    assert run_main([f"--out={out}", *merged(TINY, ["--instruct_steps=4"])]) == 130
     assert yaml.safe_load((out / "toyjob.yaml").read_text())["instruct_steps"] == 3
     assert not [p for p in (out / "models").rglob("*") if p.name.endswith((".new", ".old"))]
     monkeypatch.setattr(trainer, "train", lambda cfg: (_ for _ in ()).throw(SetupError("a clear reason")))
-    assert run_main([f"--out={out}", *TINY, "--instruct_steps=4"]) == 1
+    assert run_main([f"--out={out}", *merged(TINY, ["--instruct_steps=4"])]) == 1
     assert capsys.readouterr().err.strip().splitlines()[-1] == "error: a clear reason"
 
 
 def test_pixel_space_decoder_has_no_autoencoder(tmp_path):
     out = tmp_path / "toy"
-    assert run_main([f"--out={out}", *TINY, "--decoder_space=pixel", "--decoder_patch=4"]) == 0
+    assert run_main([f"--out={out}", *merged(TINY, ["--decoder_space=pixel", "--decoder_patch=4"])]) == 0
     decoder_dir = out / "models" / "diffusers" / DECODER_NAME
     assert not (decoder_dir / "vae").exists() and not (out / "work" / "autoencoder").exists()
     _, _, decoder = load_exported(out / "models")

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
+from mq_testutil import merged, trainer_args
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -40,21 +41,7 @@ def folders(mllm_folder, decoder_loader):
 
 
 def run_args(folders, out: Path, *extra: str, decoder: int = 1) -> list[str]:
-    return [
-        f"--model.mllm={folders[0]}",
-        f"--model.decoder={folders[decoder]}",
-        "--model.num_queries=4",
-        "--model.connector.depth=1",
-        "--data.toyworld_size=32",
-        "--data.resolution=32",
-        "--optim.warmup_steps=1",
-        "--train.steps=3",
-        "--train.batch_size=2",
-        "--train.sample_every=0",
-        "--train.log_every=1",
-        f"--train.output_dir={out}",
-        *extra,
-    ]
+    return trainer_args((folders[0], folders[decoder]), out, *merged(["--train.steps=3"], extra))
 
 
 def run(folders, out: Path, *extra: str, decoder: int = 1) -> Path:
@@ -137,7 +124,8 @@ def test_instruct_stage_starts_from_the_pretrain_export_and_carries_its_decoder(
 
 @pytest.mark.parametrize("mode", ["frozen", "full", "lora"])
 def test_decoder_modes_train_what_they_say(folders, tmp_path, mode):
-    export = run(folders, tmp_path / "run", f"--model.decoder_mode={mode}", "--model.lora_rank=2", "--optim.lr=1e-2")
+    rank = ["--model.lora_rank=2"] if mode == "lora" else []
+    export = run(folders, tmp_path / "run", f"--model.decoder_mode={mode}", *rank, "--optim.lr=1e-2")
     _, _, decoder_state = load_checkpoint(export)
     original = load_decoder(folders[1]).denoiser.state_dict()
     if mode == "frozen":

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.state import AcceleratorState
-from mq_testutil import trainer_args
+from mq_testutil import merged, trainer_args
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -29,7 +29,7 @@ CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
 
 def args(folders, out: Path, *extra: str) -> list[str]:
-    return trainer_args(folders, out, "--data.resolution=32", "--train.steps=3", *extra)
+    return trainer_args(folders, out, *merged(["--train.steps=3"], extra))
 
 
 def broken_shard(path: Path, good: int, bad: int) -> Path:
@@ -71,10 +71,16 @@ def test_missing_model_folder_is_named(folders, tmp_path, capsys):
 
 def test_dataset_without_usable_samples_is_a_clear_error(folders, tmp_path, capsys):
     shard = broken_shard(tmp_path / "bad" / "0.tar", good=0, bad=3)
-    assert main(args(folders, tmp_path / "run", "--data.kind=webdataset", f"--data.path={shard}")) == 1
+    assert (
+        main(args(folders, tmp_path / "run", "--data.kind=webdataset", f"--data.path={shard}", "--data.resolution=32"))
+        == 1
+    )
     assert "no usable sample in" in capsys.readouterr().err
     few = broken_shard(tmp_path / "few" / "0.tar", good=1, bad=1)  # one sample never fills a batch of 2
-    assert main(args(folders, tmp_path / "run", "--data.kind=webdataset", f"--data.path={few}")) == 1
+    assert (
+        main(args(folders, tmp_path / "run", "--data.kind=webdataset", f"--data.path={few}", "--data.resolution=32"))
+        == 1
+    )
     err = capsys.readouterr().err
     assert "gave 1 usable samples on this process, not enough for one batch of train.batch_size=2" in err
     assert "decode_error: 1" in err
@@ -87,6 +93,81 @@ def test_a_used_output_folder_needs_resume_or_overwrite(folders, tmp_path, capsy
     assert "pass --train.resume=true to continue it, --train.overwrite=true" in capsys.readouterr().err
     assert main(args(folders, tmp_path / "run", "--train.overwrite=true")) == 0
     assert not (tmp_path / "run" / "checkpoints" / "step-00000005").exists()
+
+
+def test_a_finished_run_without_checkpoints_is_not_overwritten(folders, tmp_path, capsys):
+    """A run that saved only its export is an earlier run too; overwrite deletes it when the new run starts."""
+    out = tmp_path / "run"
+    assert main(args(folders, out, "--train.checkpoint_every=0")) == 0
+    export = (out / "metaquery.safetensors").read_bytes()
+    assert main(args(folders, out, "--train.checkpoint_every=0", "--optim.lr=5e-4")) == 1
+    assert "already holds an earlier run (metrics.jsonl, summary.json, metaquery.safetensors)" in (
+        capsys.readouterr().err
+    )
+    assert (out / "metaquery.safetensors").read_bytes() == export
+    assert main(args(folders, out, "--train.checkpoint_every=0", "--train.overwrite=true", "--train.steps=0")) == 2
+    assert (out / "metaquery.safetensors").read_bytes() == export  # a config error changes nothing
+
+
+@pytest.mark.parametrize("what", ["file", "export_folder"])
+def test_an_output_folder_the_run_cannot_use_is_named_before_loading(folders, tmp_path, capsys, what):
+    out = tmp_path / "run"
+    if what == "file":
+        out.write_text("mine")
+        expected = f"train.output_dir {str(out)!r} is a file"
+    else:
+        (out / "metaquery.safetensors").mkdir(parents=True)
+        expected = "metaquery.safetensors' is a folder; the run exports its checkpoint to that path"
+    assert main(args(folders, out)) == 1
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+
+
+def test_an_image_size_the_decoder_cannot_take_is_refused_before_training(folders, tmp_path, capsys):
+    assert main(args(folders, tmp_path / "run", "--data.toyworld_size=33")) == 1
+    err = capsys.readouterr().err
+    assert "data.toyworld_size: image size 33x33 (height x width) is not allowed for the sana decoder" in err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # stopped before the loop
+
+
+def test_damaged_resume_files_are_named_with_what_to_do(folders, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(args(folders, out, "--train.checkpoint_every=1")) == 0  # 3 steps: checkpoints 1 and 2, then export
+    (out / "checkpoints" / "step-00000001-copy").mkdir()  # a user's copy is not a checkpoint
+    newest = out / "checkpoints" / "step-00000002"
+    state = (newest / "trainer_state.json").read_text()
+    (newest / "trainer_state.json").write_text(state[: len(state) // 2])
+    assert main(args(folders, out, "--train.checkpoint_every=1", "--train.steps=4", "--train.resume=true")) == 1
+    err = capsys.readouterr().err
+    assert "trainer_state.json' is damaged" in err and f"delete {str(newest)!r} to resume from the checkpoint" in err
+    (newest / "trainer_state.json").write_text(state)
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:40])
+    assert main(args(folders, out, "--train.checkpoint_every=1", "--train.steps=4", "--train.resume=true")) == 1
+    err = capsys.readouterr().err
+    assert f"train.resume: cannot load {str(newest)!r}" in err and "Traceback" not in err
+
+
+def test_an_init_checkpoint_with_nan_weights_is_refused(folders, tmp_path, capsys, mllm_loader, decoder_loader):
+    from metaqueries_core.checkpoint import load_checkpoint
+
+    assert main(args(folders, tmp_path / "pre", "--train.steps=1")) == 0
+    config, head, _ = load_checkpoint(tmp_path / "pre" / "metaquery.safetensors")
+    with torch.no_grad():
+        head.queries.queries[0, 0] = float("nan")
+    bad = save_checkpoint(tmp_path / "diverged.safetensors", head, config)
+    assert main(args(folders, tmp_path / "run", f"--model.init_checkpoint={bad}")) == 1
+    assert "holds inf / NaN values in ['queries.queries']" in capsys.readouterr().err
+
+
+def test_settings_accelerate_would_quietly_drop_are_refused(folders, tmp_path, capsys, monkeypatch):
+    from training import trainer
+
+    assert main(args(folders, tmp_path / "a", "--train.mixed_precision=fp16")) == 1
+    assert "train.mixed_precision=fp16 needs a GPU" in capsys.readouterr().err
+    monkeypatch.setitem(trainer.TRACKERS, "wandb", lambda: False)
+    assert main(args(folders, tmp_path / "b", "--train.report_to=wandb")) == 1
+    assert "train.report_to='wandb' but wandb is not installed" in capsys.readouterr().err
 
 
 def test_init_checkpoint_for_other_models_is_refused(folders, tmp_path, capsys, mllm_loader, decoder_loader, make_head):
@@ -142,7 +223,9 @@ def test_ctrl_c_in_the_toy_job_says_how_to_continue(capsys, monkeypatch):
 
 
 def test_cached_latents_need_deterministic_targets(folders, tmp_path, capsys):
-    assert main(args(folders, tmp_path / "run", "--data.cache_latents=true", "--data.random_crop=true")) == 1
+    (tmp_path / "data.jsonl").write_text("")  # refused before it is read
+    files = ["--data.kind=jsonl", f"--data.path={tmp_path / 'data.jsonl'}", "--data.resolution=32"]
+    assert main(args(folders, tmp_path / "run", *files, "--data.cache_latents=true", "--data.random_crop=true")) == 1
     assert "data.cache_latents needs deterministic targets, but data.random_crop is true" in capsys.readouterr().err
 
 

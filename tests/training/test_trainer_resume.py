@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from mq_testutil import trainer_args
+from mq_testutil import merged, trainer_args
 from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
@@ -185,7 +185,7 @@ def test_a_resume_trains_at_the_configs_rates_and_refuses_other_changes(folders,
         ("--train.seed=5", "train.seed: checkpoint 0, now 5"),
         ("--train.steps=4", "train.steps: 4 leaves nothing to train after the checkpoint's step 4"),
     ):
-        assert main(args(folders, out, *common, "--optim.lr=1e-3", "--train.resume=true", change)) == 1
+        assert main(args(folders, out, *merged([*common, "--optim.lr=1e-3", "--train.resume=true"], [change]))) == 1
         err = capsys.readouterr().err
         assert "does not continue the run of" in err and says in err, err
 
