@@ -3,8 +3,9 @@
 Chain (each stage reuses its output when it is already there): build the world, teach a tiny Qwen2.5-VL-class MLLM
 to understand it and freeze it, train a tiny DC-AE on its images, pretrain queries + connector + a tiny Sana-class
 decoder (on the DC-AE's latents; `--decoder_space=pixel` denoises RGB instead) on captions,
-instruction-tune on edits and subject pairs, export a ComfyUI `models/` folder, score (GenEval-style) and write a
-sample grid. Override any field with `--key=value` (e.g. `--out=/tmp/toy --pretrain_steps=300`).
+instruction-tune on edits and subject pairs, export a ComfyUI `models/` folder (with an `extra_model_paths.yaml` that
+registers it) and the example workflows' input images (`input/`), score (GenEval-style) and write a sample grid.
+Override any field with `--key=value` (e.g. `--out=/tmp/toy --pretrain_steps=300`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from diffusers import AutoencoderDC
 
 from metaqueries_core.checkpoint import apply_decoder_state, load_checkpoint
+from metaqueries_core.comfy_files import EXTRA_MODEL_PATHS, example_inputs, write_extra_model_paths
 from metaqueries_core.decoders import load_decoder
 from metaqueries_core.decoders.tiny import write_tiny_sana
 from metaqueries_core.mllm import load_mllm
@@ -53,9 +55,11 @@ MLLM_FAMILY = "qwen2_5_vl"  # the tiny MLLM's transformers family (tinykit prese
 MLLM_NAME = f"metaqueries-toy-{MLLM_FAMILY}"
 DECODER_NAME = "metaqueries-toy-sana"
 CHECKPOINT_NAME = "metaqueries-toy.safetensors"
+COMFY_KEYS = ("LLM", "diffusers", "metaqueries")  # the model folder keys of the export (extra_model_paths.yaml)
 JOB_RECORD = "toyjob.yaml"  # the resolved settings, next to models/ (python -m training.eval scores with them)
 SPLITS = ("eval_seen", "eval_heldout")
 SYSTEM_PROMPT = "Describe the image or caption."  # short: the toy MLLM is small and every token costs CPU time
+MAX_SEED = 2**32 - 1  # numpy's legacy seeding (accelerate's set_seed) takes [0, 2**32 - 1]
 
 
 # settings that must be >= 1, and the eval counts split half held-out, half seen (so >= 2)
@@ -208,6 +212,7 @@ class ToyJobConfig:
                 raise ValueError(f"the {stage} stage's training config refuses these settings: {err}") from err
 
     def _check_ranges(self) -> None:
+        within("seed", self.seed, 0, MAX_SEED, why=" (numpy and torch seeds)")
         minimum = {name: 1 for name in _POSITIVE} | {name: 2 for name in _HALVED} | {"instruct_steps": 0}
         for name, low in minimum.items():
             at_least(name, getattr(self, name), low, _WHY.get(name, ""))
@@ -508,12 +513,14 @@ def replace_path(new: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
-def stage_export(cfg: ToyJobConfig, models: Path, mllm: Path, decoder_init: Path, final: Path) -> None:
-    """A ComfyUI models folder: LLM/<mllm>, diffusers/<decoder with trained weights>, metaqueries/<checkpoint>; each
-    written beside its place, then moved there."""
+def stage_export(cfg: ToyJobConfig, models: Path, inputs: Path, mllm: Path, decoder_init: Path, final: Path) -> None:
+    """A ComfyUI models folder: LLM/<mllm>, diffusers/<decoder with trained weights>, metaqueries/<checkpoint> and
+    an extra_model_paths.yaml that registers them; and in `inputs` the images the example workflows' LoadImage nodes
+    name. Each written beside its place, then moved there."""
     llm_dir, dec_dir = models / "LLM" / MLLM_NAME, models / "diffusers" / DECODER_NAME
-    ckpt = models / "metaqueries" / CHECKPOINT_NAME
-    staged = {path: path.with_name(path.name + ".new") for path in (llm_dir, dec_dir, ckpt)}
+    ckpt, extra_paths = models / "metaqueries" / CHECKPOINT_NAME, models / EXTRA_MODEL_PATHS
+    images = {inputs / name: image for name, image in example_inputs(cfg.image_size).items()}
+    staged = {path: path.with_name(path.name + ".new") for path in (llm_dir, dec_dir, ckpt, extra_paths, *images)}
     for path in staged.values():
         if path.is_dir():
             shutil.rmtree(path)
@@ -525,9 +532,12 @@ def stage_export(cfg: ToyJobConfig, models: Path, mllm: Path, decoder_init: Path
     apply_decoder_state(decoder, decoder_state)
     decoder.denoiser.save_pretrained(staged[dec_dir] / "transformer")
     shutil.copy2(final, staged[ckpt])
+    write_extra_model_paths(models, COMFY_KEYS, "metaqueries_toy", path=staged[extra_paths])
+    for path, image in images.items():
+        image.save(staged[path], format="PNG")
     for path, new in staged.items():
         replace_path(new, path)
-    log.info("export: %s", models)
+    log.info("export: %s, %s", models, inputs)
 
 
 def load_exported(models: Path):
@@ -577,7 +587,7 @@ def run_toy_job(argv: list[str]) -> int:
     if out.exists() and not out.is_dir():
         print(f"config error: --out={cfg.out!r} is a file; give the folder the job writes into", file=sys.stderr)
         return 2
-    work, models = out / "work", out / "models"
+    work, models, inputs = out / "work", out / "models", out / "input"
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     world = ToyWorld(size=cfg.image_size, seed=cfg.seed)
@@ -585,7 +595,7 @@ def run_toy_job(argv: list[str]) -> int:
     decoder_init = stage_decoder_init(cfg, work, world)
     pre = stage_train(cfg, work, "pretrain", mllm, decoder_init, None)
     final = stage_train(cfg, work, "instruct", mllm, decoder_init, pre) if cfg.instruct_steps else pre
-    stage_export(cfg, models, mllm, decoder_init, final)
+    stage_export(cfg, models, inputs, mllm, decoder_init, final)
     save_config(cfg, out / JOB_RECORD)  # what these models are: training.eval scores them with it
     teach_record = json.loads((mllm / "understanding.json").read_text())
     scores = stage_score(cfg, out, models, world, teach_record)
@@ -593,5 +603,6 @@ def run_toy_job(argv: list[str]) -> int:
     scores["config"] = asdict(cfg)
     (out / "scores.json.tmp").write_text(json.dumps(scores, indent=2))
     replace_path(out / "scores.json.tmp", out / "scores.json")
-    log.info("done in %.0f s: %s, %s, %s", scores["wall_seconds"], out / "scores.json", out / "samples.png", models)
+    done = (out / "scores.json", out / "samples.png", models, inputs)
+    log.info("done in %.0f s: %s, %s, %s, %s", scores["wall_seconds"], *done)
     return 0

@@ -22,7 +22,6 @@ if __name__ == "__main__":  # run as a script: make the repository and this fold
 
 from make_example_models import (
     CHECKPOINT_NAME,
-    INPUT_IMAGES,
     INTERNVL_NAME,
     MLLM_NAME,
     OPENUNI_NAME,
@@ -31,6 +30,7 @@ from make_example_models import (
 )
 from workflow_kit import WORKFLOW_DIR, Graph, check_workflow
 
+from metaqueries_core.comfy_files import INPUT_IMAGES
 from training.toyjob import ToyJobConfig
 
 

@@ -21,11 +21,11 @@ from make_example_models import (  # noqa: E402
     SD15_NAME,
     SD15_TEXT_WIDTH,
     write_checkpoint,
-    write_example_inputs,
     write_openuni_pth,
 )
 from reference_kit import write_reference_folder  # noqa: E402
 
+from metaqueries_core.comfy_files import write_example_inputs  # noqa: E402
 from nodes import comfy_env  # noqa: E402
 
 SD15_TINY = "tiny-sd15"  # the core tiny SD1.5 decoder (text width 32)

@@ -11,12 +11,13 @@ Layout (ComfyUI's models folder):
                                                    that Sana (Load MetaQuery Checkpoint imports it as it loads)
     checkpoints/metaqueries-toy-sd15.safetensors   SD1.5 single file for core CheckpointLoaderSimple
     metaqueries/metaqueries-toy-sd15.safetensors   random MetaQuery head: that MLLM -> 768-wide SD1.5 conditioning
-    extra_model_paths.yaml                         registers LLM/ and metaqueries/ of this folder with ComfyUI
+    extra_model_paths.yaml                         registers this folder's LLM/, metaqueries/, diffusers/ and
+                                                   checkpoints/ with ComfyUI (metaqueries_core.comfy_files)
 
 Nothing is downloaded; the images they make are noise. Core ComfyUI recognises an SD1.5 checkpoint by its UNet's
 layout (model_channels 320, context_dim 768) and always builds the full SD VAE, so that file keeps those widths
 with a 2-level UNet (80M parameters) next to the real-size VAE (84M), stored in fp16 (about 310 MB). `--input-dir` also writes the toy-world images the
-workflows' LoadImage nodes name.
+workflows' LoadImage nodes name (`metaqueries_core.comfy_files`, which the toy job's export uses too).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
 from metaqueries_core.checkpoint import MetaQueryConfig, save_checkpoint
+from metaqueries_core.comfy_files import write_example_inputs, write_extra_model_paths
 from metaqueries_core.connector import SANA_OUT_NORM_SCALE, ConnectorConfig
 from metaqueries_core.decoders import load_decoder
 from metaqueries_core.decoders.tiny import write_sd15_single_file, write_tiny_sana
@@ -42,7 +44,7 @@ from metaqueries_core.head import MetaQueryHead
 from metaqueries_core.importers import openuni as openuni_format
 from metaqueries_core.mllm import load_mllm
 from metaqueries_core.tinykit import write_tiny_mllm
-from metaqueries_core.toyworld import ToyWorld, all_text
+from metaqueries_core.toyworld import all_text
 
 MLLM_NAME = "metaqueries-toy-qwen2_5_vl"
 INTERNVL_NAME = "metaqueries-toy-internvl"
@@ -51,11 +53,8 @@ SANA_NAME = "metaqueries-toy-sana"
 CHECKPOINT_NAME = "metaqueries-toy.safetensors"
 SD15_NAME = "metaqueries-toy-sd15.safetensors"  # both the core checkpoint and the MetaQuery checkpoint for it
 SD15_TEXT_WIDTH = 768
-INPUT_IMAGES = (
-    "metaqueries_example_source.png",
-    "metaqueries_example_subject_1.png",
-    "metaqueries_example_subject_2.png",
-)
+# what the registered folder keys are called (each maps the subfolder of the same name)
+FOLDER_KEYS = ("LLM", "metaqueries", "diffusers", "checkpoints")
 
 
 def write_checkpoint(
@@ -143,30 +142,6 @@ def write_core_sd15_checkpoint(path: Path, *, seed: int = 0) -> Path:
     return path
 
 
-def write_example_inputs(folder: Path) -> list[Path]:
-    """Toy-world images for the workflows: an edit source and two views of a subject."""
-    world = ToyWorld()  # 32 px, the size the toy-world models are trained at
-    folder.mkdir(parents=True, exist_ok=True)
-    subject = world.subject_sample("train", 0, n_refs=2).references
-    images = (world.edit_sample("train", 0).source_image, *subject)
-    paths = [folder / name for name in INPUT_IMAGES]
-    for image, path in zip(images, paths):
-        image.save(path)
-    return paths
-
-
-def write_extra_model_paths(models_dir: Path) -> Path:
-    """A ComfyUI extra_model_paths.yaml section that adds this folder's LLM/ and metaqueries/ (the pack itself only
-    registers those under ComfyUI's own models folder)."""
-    path = models_dir / "extra_model_paths.yaml"
-    path.write_text(
-        f"metaqueries_examples:\n  base_path: {models_dir.resolve()}\n  LLM: LLM/\n  metaqueries: metaqueries/\n"
-        "  diffusers: diffusers/\n  checkpoints: checkpoints/\n",
-        encoding="utf-8",
-    )
-    return path
-
-
 def write_example_models(models_dir: Path, *, sd15: bool = True) -> list[Path]:
     mllm_dir = write_tiny_mllm("qwen2_5_vl", models_dir / "LLM" / MLLM_NAME, texts=all_text())
     sana_dir = write_tiny_sana(models_dir / "diffusers" / SANA_NAME)
@@ -198,7 +173,7 @@ def write_example_models(models_dir: Path, *, sd15: bool = True) -> list[Path]:
     written.append(internvl_dir)
     openuni = models_dir / "metaqueries" / OPENUNI_NAME
     written.append(write_openuni_pth(openuni, mllm_width=load_mllm(internvl_dir).width, text_width=sana.text_width))
-    written.append(write_extra_model_paths(models_dir))
+    written.append(write_extra_model_paths(models_dir, FOLDER_KEYS, "metaqueries_examples"))
     return written
 
 

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from make_example_models import INPUT_IMAGES, SD15_NAME
+from make_example_models import SD15_NAME
 
+from metaqueries_core.comfy_files import INPUT_IMAGES
 from nodes import NODE_CLASS_MAPPINGS
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import yaml
 from mq_testutil import merged
 
+from nodes.comfy_env import MODEL_FOLDERS
 from training import trainer
 from training.eval import main as eval_main
 from training.preflight import SetupError
@@ -25,6 +27,8 @@ from training.toyjob import (
     load_exported,
     run_config,
 )
+
+WORKFLOWS = Path(__file__).resolve().parents[2] / "example_workflows"
 
 TINY = [
     "--teach_steps=3",
@@ -53,6 +57,24 @@ TINY = [
 ]
 
 
+def load_image_names() -> set[str]:
+    """The images the example workflows' LoadImage nodes name (their first widget)."""
+    workflows = [json.loads(path.read_text()) for path in sorted(WORKFLOWS.glob("*.json"))]
+    return {n["widgets_values"][0] for w in workflows for n in w["nodes"] if n["type"] == "LoadImage"}
+
+
+def check_opens_in_comfyui(out: Path) -> None:
+    """`out/models/extra_model_paths.yaml` registers the models folder under the pack's keys, and `out/input` has
+    every image the example workflows load."""
+    models = out / "models"
+    (section,) = yaml.safe_load((models / "extra_model_paths.yaml").read_text()).values()
+    assert section.pop("base_path") == str(models.resolve())
+    assert set(section) == {"LLM", "diffusers", "metaqueries"} and set(section) <= set(MODEL_FOLDERS)
+    assert all((models / folder).is_dir() for folder in section.values())
+    names = load_image_names()
+    assert names and {p.name for p in (out / "input").iterdir()} == names
+
+
 def test_short_chain_exports_models_scores_and_reuses_stages(tmp_path, monkeypatch, capsys):
     out = tmp_path / "toy"
     assert run_main([f"--out={out}", *TINY]) == 0
@@ -60,6 +82,7 @@ def test_short_chain_exports_models_scores_and_reuses_stages(tmp_path, monkeypat
     assert (models / "LLM" / MLLM_NAME / "config.json").is_file()
     assert (models / "diffusers" / DECODER_NAME / "model_index.json").is_file()
     assert (models / "metaqueries" / CHECKPOINT_NAME).is_file()
+    check_opens_in_comfyui(out)
     assert (out / "samples.png").is_file()
     scores = json.loads((out / "scores.json").read_text())
     for task in ("single", "two_object", "edit", "subject"):
@@ -92,6 +115,7 @@ def test_short_chain_exports_models_scores_and_reuses_stages(tmp_path, monkeypat
     first = mtimes()
     assert run_main([f"--out={out}", *TINY]) == 0
     assert mtimes() == first
+    check_opens_in_comfyui(out)  # the export is written again, in place: nothing beside it
 
     # a changed setting redoes its stage and those after it, and nothing before
     assert run_main([f"--out={out}", *merged(TINY, ["--instruct_steps=3"])]) == 0
@@ -130,7 +154,8 @@ def test_short_chain_exports_models_scores_and_reuses_stages(tmp_path, monkeypat
     monkeypatch.setattr(trainer, "train", lambda cfg: (_ for _ in ()).throw(KeyboardInterrupt()))
     assert run_main([f"--out={out}", *merged(TINY, ["--instruct_steps=4"])]) == 130
     assert yaml.safe_load((out / "toyjob.yaml").read_text())["instruct_steps"] == 3
-    assert not [p for p in (out / "models").rglob("*") if p.name.endswith((".new", ".old"))]
+    exported = [p for folder in ("models", "input") for p in (out / folder).rglob("*")]
+    assert not [p for p in exported if p.name.endswith((".new", ".old"))]
     monkeypatch.setattr(trainer, "train", lambda cfg: (_ for _ in ()).throw(SetupError("a clear reason")))
     assert run_main([f"--out={out}", *merged(TINY, ["--instruct_steps=4"])]) == 1
     assert capsys.readouterr().err.strip().splitlines()[-1] == "error: a clear reason"
@@ -167,6 +192,8 @@ def test_pixel_space_decoder_has_no_autoencoder(tmp_path):
         ("--train_shift=0", "pretrain stage's training config refuses"),
         ("--instruct_captions=0.8", "instruct_captions must be in [0.0, 0.7], got 0.8 (a share of the instruct"),
         ("--lr=nan", "config key 'lr' must be a finite number"),
+        ("--seed=-1", "seed must be in [0, 4294967295], got -1 (numpy and torch seeds)"),
+        (f"--seed={2**32}", "seed must be in [0, 4294967295], got 4294967296"),
     ],
 )
 def test_bad_settings_are_refused_before_any_work(tmp_path, capsys, arg, says):
