@@ -36,6 +36,7 @@ from metaqueries_core.toyworld.world import CAPTION_LAYOUTS
 
 from .bounds import above, at_least, within
 from .config import (
+    MAX_SEED,
     ConnectorSection,
     DataSection,
     ModelSection,
@@ -59,7 +60,6 @@ COMFY_KEYS = ("LLM", "diffusers", "metaqueries")  # the model folder keys of the
 JOB_RECORD = "toyjob.yaml"  # the resolved settings, next to models/ (python -m training.eval scores with them)
 SPLITS = ("eval_seen", "eval_heldout")
 SYSTEM_PROMPT = "Describe the image or caption."  # short: the toy MLLM is small and every token costs CPU time
-MAX_SEED = 2**32 - 1  # numpy's legacy seeding (accelerate's set_seed) takes [0, 2**32 - 1]
 
 
 # settings that must be >= 1, and the eval counts split half held-out, half seen (so >= 2)
