@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .connector import ConnectorConfig
+from .file_modes import apply_umask
 from .head import HEAD_KEYS, MetaQueryHead
 from .state_fit import misfit
 
@@ -116,6 +117,7 @@ def save_checkpoint(
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         save_file(tensors, str(tmp), metadata={METADATA_KEY: config.to_json(), "format": "pt"})
+        apply_umask(tmp)  # save_file makes it owner-only; a ComfyUI running as another user must read it
         os.replace(tmp, path)
     finally:
         if tmp.exists():

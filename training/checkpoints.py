@@ -14,6 +14,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from metaqueries_core.file_modes import apply_umask
+
 STATE_FILE = "trainer_state.json"
 PREFIX = "step-"
 TEMP_PREFIX = ".tmp-"
@@ -65,6 +67,7 @@ def publish(root: Path, tmp: Path, step: int, state: dict[str, Any], keep: int) 
         json.dump(state, f, indent=2)
         f.flush()
         os.fsync(f.fileno())
+    apply_umask(tmp)  # save_state's weights are owner-only (safetensors); a resume may run as another user
     if final.exists():  # re-saving the same step (e.g. after a resume): the older copy stops counting first
         remove(final)
     os.replace(tmp, final)

@@ -31,6 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from metaqueries_core.decoders import DecoderAdapter
+from metaqueries_core.file_modes import apply_umask
 
 from .batches import to_model_batch
 from .config import RunConfig
@@ -208,6 +209,7 @@ def encode_share(cfg: RunConfig, decoder: DecoderAdapter, acc: Accelerator, fold
             files.append(name)
             tensors = {str(len(index) + i): z for i, z in enumerate(pending.values())}
             save_file(tensors, str(folder / name))
+            apply_umask(folder / name)  # save_file makes it owner-only; the cache is reused by later runs
             index.update({key: (name, str(len(index) + i)) for i, key in enumerate(pending)})
             pending.clear()
 

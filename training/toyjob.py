@@ -28,6 +28,7 @@ from metaqueries_core.checkpoint import apply_decoder_state, load_checkpoint
 from metaqueries_core.comfy_files import EXTRA_MODEL_PATHS, example_inputs, write_extra_model_paths
 from metaqueries_core.decoders import load_decoder
 from metaqueries_core.decoders.tiny import write_tiny_sana
+from metaqueries_core.file_modes import apply_umask
 from metaqueries_core.mllm import load_mllm
 from metaqueries_core.sampling import Guidance
 from metaqueries_core.tinykit import TinySize, check_tiny_size, write_tiny_mllm
@@ -368,6 +369,7 @@ def stage_teach(cfg: ToyJobConfig, work: Path, world: ToyWorld) -> Path:
     mllm = load_mllm(folder, system_prompt=SYSTEM_PROMPT)
     losses = teach(mllm, world, cfg.teach_config())
     mllm.model.save_pretrained(folder)
+    apply_umask(folder)  # the stage's own folder (claim_stage's); save_pretrained writes weights owner-only
     acc = {split: understanding_accuracy(mllm, world, split, cfg.eval_questions) for split in SPLITS}
     write_record(folder / "understanding.json", t0, losses, acc)
     log.info(
@@ -402,6 +404,7 @@ def stage_autoencoder(cfg: ToyJobConfig, work: Path, world: ToyWorld) -> Path:
     t0 = time.perf_counter()
     ae, losses = train_autoencoder(world, cfg.autoencoder_config())
     ae.save_pretrained(folder)
+    apply_umask(folder)  # as in stage_teach
     acc = {split: reconstruction_accuracy(ae, world, split) for split in SPLITS}
     write_record(folder / "autoencoder.json", t0, losses, acc)
     log.info("autoencoder: reconstructions score seen %.3f, held-out %.3f", acc["eval_seen"], acc["eval_heldout"])
@@ -499,7 +502,9 @@ def stage_train(cfg: ToyJobConfig, work: Path, stage: str, mllm: Path, decoder: 
 
 def replace_path(new: Path, final: Path) -> None:
     """Put the finished file or folder `new` at `final`: a file in one atomic rename; a folder after moving what was
-    there aside, so a kill leaves either the old or the new one complete (and at worst a `.old` copy beside it)."""
+    there aside, so a kill leaves either the old or the new one complete (and at worst a `.old` copy beside it).
+    What it holds gets the umask's permissions (save_pretrained writes weights owner-only, copies keep that)."""
+    apply_umask(new)
     if new.is_file():
         os.replace(new, final)
         return

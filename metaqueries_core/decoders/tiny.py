@@ -24,6 +24,7 @@ from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from ..file_modes import apply_umask, apply_umask_to_writes
 from .base import PathLike
 
 _LDM_RESNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"), ("conv2", "out_layers.3"))
@@ -130,10 +131,11 @@ def write_tiny_sana(
         final_sigmas_type="zero",
     )
     root.mkdir(parents=True, exist_ok=True)
-    transformer.save_pretrained(root / "transformer")
-    if vae is not None:
-        vae.save_pretrained(root / "vae")
-    scheduler.save_pretrained(root / "scheduler")
+    with apply_umask_to_writes(root):  # save_pretrained writes the weights owner-only
+        transformer.save_pretrained(root / "transformer")
+        if vae is not None:
+            vae.save_pretrained(root / "vae")
+        scheduler.save_pretrained(root / "scheduler")
     _write_model_index(
         root,
         "SanaPipeline",
@@ -226,9 +228,10 @@ def write_tiny_sd15(
         prediction_type=prediction_type,
     )
     root.mkdir(parents=True, exist_ok=True)
-    unet.save_pretrained(root / "unet")
-    vae.save_pretrained(root / "vae")
-    scheduler.save_pretrained(root / "scheduler")
+    with apply_umask_to_writes(root):  # as in write_tiny_sana
+        unet.save_pretrained(root / "unet")
+        vae.save_pretrained(root / "vae")
+        scheduler.save_pretrained(root / "scheduler")
     _write_model_index(
         root,
         "StableDiffusionPipeline",
@@ -309,4 +312,4 @@ def write_sd15_single_file(path: PathLike, *, folder: PathLike) -> Path:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out))
-    return out
+    return apply_umask(out)  # save_file makes it owner-only

@@ -27,6 +27,7 @@ from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2Im
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from ..file_modes import apply_umask_to_writes
 from . import templates
 from .tokenizer import train_bpe_tokenizer
 
@@ -268,8 +269,9 @@ def write_tiny_mllm(
     model, tokenizer, image_processor = TINY_MLLMS[family](size, list(texts))
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    if image_processor is not None:
-        image_processor.save_pretrained(folder)
+    with apply_umask_to_writes(folder):  # save_pretrained writes the weights owner-only
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        if image_processor is not None:
+            image_processor.save_pretrained(folder)
     return folder

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import stat
 
 import pytest
 import torch
+from mq_testutil import odd_modes, umask
 from reference_kit import SYSTEM, reference_connector, write_reference_folder
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText
@@ -131,6 +133,15 @@ def test_frozen_decoder_is_left_out_and_options_override(reference, tmp_path):
     import_reference(folder, tmp_path / "include.safetensors", decoder="include", stage="instruct")
     config, _, decoder_state = load_checkpoint(tmp_path / "include.safetensors")
     assert decoder_state and config.stage == "instruct"
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_imported_checkpoint_has_the_umask_mode(reference, tmp_path, mask):
+    """Not safetensors' owner-only 0600: ComfyUI may run as another user than the import."""
+    with umask(mask):
+        out = tmp_path / "out" / "imported.safetensors"
+        import_reference(reference[0] / "checkpoint-1000", out, decoder="include")
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~mask and odd_modes(tmp_path / "out", mask) == {}
 
 
 def test_bad_inputs_are_named(reference, tmp_path):

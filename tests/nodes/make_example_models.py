@@ -40,6 +40,7 @@ from metaqueries_core.comfy_files import write_example_inputs, write_extra_model
 from metaqueries_core.connector import SANA_OUT_NORM_SCALE, ConnectorConfig
 from metaqueries_core.decoders import load_decoder
 from metaqueries_core.decoders.tiny import write_sd15_single_file, write_tiny_sana
+from metaqueries_core.file_modes import apply_umask
 from metaqueries_core.head import MetaQueryHead
 from metaqueries_core.importers import openuni as openuni_format
 from metaqueries_core.mllm import load_mllm
@@ -139,7 +140,7 @@ def write_core_sd15_checkpoint(path: Path, *, seed: int = 0) -> Path:
         write_sd15_single_file(path, folder=tmp)
     state = {k: v.half() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
     save_file(state, str(path))
-    return path
+    return apply_umask(path)  # save_file makes it owner-only; ComfyUI may run as another user
 
 
 def write_example_models(models_dir: Path, *, sd15: bool = True) -> list[Path]:

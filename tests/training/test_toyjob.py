@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from mq_testutil import merged
+from mq_testutil import merged, odd_modes, umask
 
 from nodes.comfy_env import MODEL_FOLDERS
 from training import trainer
@@ -77,7 +77,10 @@ def check_opens_in_comfyui(out: Path) -> None:
 
 def test_short_chain_exports_models_scores_and_reuses_stages(tmp_path, monkeypatch, capsys):
     out = tmp_path / "toy"
-    assert run_main([f"--out={out}", *TINY]) == 0
+    with umask(0o022):
+        assert run_main([f"--out={out}", *TINY]) == 0
+    # not safetensors' owner-only 0600: a ComfyUI server running as another user reads the export
+    assert odd_modes(out, 0o022) == {}
     models = out / "models"
     assert (models / "LLM" / MLLM_NAME / "config.json").is_file()
     assert (models / "diffusers" / DECODER_NAME / "model_index.json").is_file()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from mq_testutil import merged, trainer_args
+from mq_testutil import merged, odd_modes, trainer_args, umask
 from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
@@ -117,6 +117,18 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_newest(folders, tmp
     assert export.is_file() and not (root / ".tmp-step-00000002").exists()
     assert [p.name for p in checkpoints.checkpoint_dirs(root)] == ["step-00000002", "step-00000003"]
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_checkpoints_export_and_latent_cache_have_the_umask_mode(folders, tmp_path):
+    """Not the owner-only 0600 that save_state's safetensors weights get: a resume or a ComfyUI server may run as
+    another user."""
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    with umask(0o022):
+        common = ("--train.steps=2", "--train.checkpoint_every=1", "--data.cache_latents=true")
+        export = run(folders, out, *common, f"--data.latent_cache_dir={cache}")
+    assert (checkpoints.latest_checkpoint(out / "checkpoints") / "model.safetensors").is_file()
+    assert export.is_file() and list(cache.rglob("*.safetensors"))
+    assert odd_modes(tmp_path, 0o022) == {}
 
 
 def test_publish_never_leaves_a_half_deleted_checkpoint_that_looks_complete(tmp_path, monkeypatch):
