@@ -68,9 +68,10 @@ def check_output_dir(cfg: RunConfig) -> None:
         raise SetupError(f"train.output_dir {t.output_dir!r} cannot be written: {str(made)!r} is not a writable folder")
     if (out / t.export_name).is_dir():
         raise SetupError(f"{str(out / t.export_name)!r} is a folder; the run exports its checkpoint to that path")
-    # what a run leaves once it has trained: a run stopped before its first logged step (bad data) left nothing to keep
-    earlier = [name for name in RUN_FILES + (t.export_name,) if (out / name).is_file() and (out / name).stat().st_size]
-    earlier = [name for name in earlier if name != "config.yaml"]
+    # what a run leaves once it has trained (one stopped before its first logged step, e.g. on bad data, left only its
+    # config and an empty metrics file: nothing to keep)
+    trained = ("metrics.jsonl", "summary.json", t.export_name)
+    earlier = [name for name in trained if (out / name).is_file() and (out / name).stat().st_size]
     if checkpoints.checkpoint_dirs(out / "checkpoints"):
         earlier.insert(0, "checkpoints/")
     if earlier and not t.resume and not t.overwrite:
