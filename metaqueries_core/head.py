@@ -7,7 +7,7 @@ from PIL import Image
 from torch import nn
 
 from .connector import Connector, ConnectorConfig
-from .images import resize_center_crop
+from .images import resize_center_crop, to_rgb
 from .mllm import DEFAULT_SYSTEM_PROMPT, MLLMAdapter, PromptBatch, PromptLayout
 from .queries import MetaQueries
 from .state_fit import misfit
@@ -96,7 +96,8 @@ class MetaQueryHead(nn.Module):
     ) -> PromptBatch:
         """Tokenise with this head's prompt format and query count (input images cropped as it was trained)."""
         if images is not None and self.image_crop is not None:
-            images = [[resize_center_crop(im, self.image_crop) for im in sample] for sample in images]
+            # RGB first: Pillow resizes palette images with nearest neighbour whatever filter is asked for
+            images = [[resize_center_crop(to_rgb(im), self.image_crop) for im in sample] for sample in images]
         return mllm.prepare(
             prompts,
             images,

@@ -21,10 +21,13 @@ try:  # ComfyUI puts these top-level modules on sys.path; outside it they do not
     import comfy.model_management as model_management
     import comfy.utils as comfy_utils
     import folder_paths
+except ImportError:
+    folder_paths = model_management = comfy_utils = None
+try:  # preview settings: a ComfyUI without them still runs the pack, only without previews
     from comfy.cli_args import LatentPreviewMethod
     from comfy.cli_args import args as comfy_args
 except ImportError:
-    folder_paths = model_management = comfy_utils = comfy_args = LatentPreviewMethod = None
+    comfy_args = LatentPreviewMethod = None
 
 IN_COMFYUI = folder_paths is not None
 
@@ -213,12 +216,14 @@ def previews_enabled() -> bool:
     """Whether ComfyUI wants sampling previews: its preview method for this prompt (the frontend's "Live preview
     method" setting, else `--preview-method`) is not "none". Every other method gets the pack's own latent-to-RGB
     preview (core's TAESD and latent2rgb factors do not cover Sana's DC-AE)."""
-    return IN_COMFYUI and comfy_args.preview_method != LatentPreviewMethod.NoPreviews
+    if not IN_COMFYUI or comfy_args is None:
+        return False
+    return comfy_args.preview_method != LatentPreviewMethod.NoPreviews
 
 
 def preview_image(rgb: torch.Tensor) -> tuple[str, Image.Image, int]:
     """An RGB image (h, w, 3) uint8 -> the preview ComfyUI's ProgressBar sends to the frontend."""
-    max_size = comfy_args.preview_size if IN_COMFYUI else 512
+    max_size = comfy_args.preview_size if comfy_args is not None else 512
     return "JPEG", Image.fromarray(rgb.numpy()), max_size
 
 

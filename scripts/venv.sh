@@ -12,14 +12,16 @@ PYTHON=${PYTHON:-python3}
 TORCH=torch==2.13.0
 stamp=$(printf '%s\n' "$TORCH" "${TORCH_INDEX:-}" "$PWD" | cat - pyproject.toml | cksum | tr ' ' -)
 installed=$(cat "$VENV/.installed" 2>/dev/null || true)
-importable='import importlib.util as u; assert u.find_spec("torch") and u.find_spec("metaqueries_core")'
+importable='import importlib.util as u, importlib.metadata as m
+assert u.find_spec("metaqueries_core") and m.version("torch").split("+")[0] == "2.13.0"'
 if { [ "$installed" = "$stamp $1" ] || { [ -z "$1" ] && [ "${installed%% *}" = "$stamp" ]; }; } &&
     "$VENV/bin/python" -I -c "$importable" 2>/dev/null; then
     :  # complete and up to date
 else
     rm -f "$VENV/.installed"
     "$VENV/bin/python" -c 'import pip' 2>/dev/null || "$PYTHON" -m venv "$VENV"  # missing, or stopped before pip
-    "$VENV/bin/python" -m pip install --quiet ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} "$TORCH"
-    "$VENV/bin/python" -m pip install --quiet -e ".$1"
-    echo "$stamp $1" > "$VENV/.installed"
+    # chained, so a failed install never writes the record, whether or not the caller runs under `set -e`
+    "$VENV/bin/python" -m pip install --quiet ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} "$TORCH" &&
+        "$VENV/bin/python" -m pip install --quiet -e ".$1" &&
+        echo "$stamp $1" > "$VENV/.installed"
 fi

@@ -33,6 +33,7 @@ from metaqueries_core.toyworld import (
 )
 
 from .config_io import ConfigError, load_config, parse_override
+from .preflight import unwritable
 from .samples import grid
 from .toy.teach import edit_answer, generate_answers, understanding_accuracy
 
@@ -222,10 +223,9 @@ def cannot_write(path: Path) -> str | None:
         return "give a file name, e.g. scores.json"
     if path.is_dir():
         return "it is a folder; give a file name in it, e.g. scores.json"
-    parent = path.parent
-    if parent.exists() and not (parent.is_dir() and os.access(parent, os.W_OK)):
-        return f"{str(parent)!r} is not a folder this process can write to"
-    return None
+    if path.suffix == ".png":
+        return "the sample grid is written beside the scores as <name>.png; give the scores a .json name"
+    return unwritable(path.parent)
 
 
 if __name__ == "__main__":

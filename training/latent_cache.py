@@ -164,10 +164,11 @@ def prepare_latent_cache(cfg: RunConfig, decoder: DecoderAdapter, acc: Accelerat
     found = json.loads(manifest.read_text()).get("fingerprint", {}) if manifest.is_file() else None
     reuse = found == want
     if not reuse and folder.is_dir() and (foreign := foreign_entries(folder)):  # every process sees the same folder
+        which = "data.latent_cache_dir" if cfg.data.latent_cache_dir else "the default of data.latent_cache_dir"
         raise SetupError(
-            f"the latent cache folder {str(folder)!r} (data.latent_cache_dir) holds files a cache does not write "
-            f"({', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}); it is not deleted to rebuild the cache "
-            "there: give a new or empty folder"
+            f"the latent cache folder {str(folder)!r} ({which}) holds files a cache does not write "
+            f"({', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}), so it is not deleted to rebuild the "
+            "cache: move those files out, or set data.latent_cache_dir to a new or empty folder"
         )
     acc.wait_for_everyone()  # every process has decided from the same manifest before anyone changes it
     if reuse:

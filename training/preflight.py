@@ -57,15 +57,22 @@ def check_run(cfg: RunConfig) -> None:
     check_cache_dir(cfg)
 
 
+def unwritable(folder: Path) -> str | None:
+    """Why files cannot be written into `folder` (created with its missing parents), or None."""
+    made = next(p for p in (folder, *folder.absolute().parents) if p.exists())  # the writer creates the rest
+    if not made.is_dir() or not os.access(made, os.W_OK | os.X_OK):  # access() also says no on a read-only mount
+        return f"{str(made)!r} is not a writable folder"
+    return None
+
+
 def check_output_dir(cfg: RunConfig) -> None:
     """A folder this run can write, holding no earlier run unless the run continues it or starts it over."""
     t = cfg.train
     out = Path(t.output_dir)
     if out.exists() and not out.is_dir():
         raise SetupError(f"train.output_dir {t.output_dir!r} is a file; give a folder")
-    made = next(p for p in (out, *out.absolute().parents) if p.exists())  # the run creates the rest
-    if not made.is_dir() or not os.access(made, os.W_OK | os.X_OK):  # access() also says no on a read-only mount
-        raise SetupError(f"train.output_dir {t.output_dir!r} cannot be written: {str(made)!r} is not a writable folder")
+    if problem := unwritable(out):
+        raise SetupError(f"train.output_dir {t.output_dir!r} cannot be written: {problem}")
     if (out / t.export_name).is_dir():
         raise SetupError(f"{str(out / t.export_name)!r} is a folder; the run exports its checkpoint to that path")
     # what a run leaves once it has trained (one stopped before its first logged step, e.g. on bad data, left only its
@@ -74,6 +81,12 @@ def check_output_dir(cfg: RunConfig) -> None:
     earlier = [name for name in trained if (out / name).is_file() and (out / name).stat().st_size]
     if checkpoints.checkpoint_dirs(out / "checkpoints"):
         earlier.insert(0, "checkpoints/")
+    if t.resume and earlier and "checkpoints/" not in earlier and {"summary.json", t.export_name} & set(earlier):
+        raise SetupError(
+            f"{t.output_dir!r} holds a finished run ({', '.join(earlier)}) and no checkpoint to resume from; "
+            "--train.resume=true would train it again from step 0: pass --train.overwrite=true for that, or choose "
+            "another train.output_dir"
+        )
     if earlier and not t.resume and not t.overwrite:
         raise SetupError(
             f"{t.output_dir!r} already holds an earlier run ({', '.join(earlier)}); pass --train.resume=true to "

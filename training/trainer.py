@@ -389,14 +389,15 @@ def save_training_state(
 
 
 def start_over(root: Path, export_name: str) -> None:
-    """train.overwrite: delete what an earlier run left in the output folder (its checkpoints, record and export),
-    so nothing of it outlives this run's start."""
+    """train.overwrite: delete what an earlier run left in the output folder (its checkpoints, record, sample grids
+    and export), so nothing of it outlives this run's start. A latent cache stays: it is checked before reuse."""
     out = root.parent
     earlier = [out / name for name in (*RUN_FILES, export_name) if (out / name).is_file()]
-    if root.exists() or earlier:
+    folders = [folder for folder in (root, out / "samples") if folder.is_dir()]
+    if folders or earlier:
         log.warning("train.overwrite: deleting the earlier run in %s", out)
-    if root.exists():
-        shutil.rmtree(root)
+    for folder in folders:
+        shutil.rmtree(folder)
     for path in earlier:
         path.unlink()
 
@@ -446,8 +447,16 @@ def restore(run: Run) -> tuple[Progress, bool]:
     rates = current_rates(run.scheduler)
     try:
         acc.load_state(str(latest))
-    except (SafetensorError, OSError, EOFError, pickle.UnpicklingError, RuntimeError) as e:  # a damaged file
+    except torch.OutOfMemoryError:
+        raise
+    except (SafetensorError, EOFError, pickle.UnpicklingError) as e:  # a damaged (truncated, overwritten) file
         raise SetupError(f"train.resume: cannot load {str(latest)!r} ({e}); {checkpoints.how_to_go_on(latest)}") from e
+    except (OSError, RuntimeError) as e:  # unreadable, or weights that do not fit (other model folders)
+        first = str(e).strip().splitlines()[0][:300]
+        raise SetupError(
+            f"train.resume: cannot load {str(latest)!r} into this run ({first}): a file of it cannot be read, or "
+            "model.mllm / model.decoder are not the models it was trained with"
+        ) from e
     set_base_rates(run.scheduler, rates)  # the config's rates, not the checkpoint's (e.g. lowered after a divergence)
     mine = state["ranks"][acc.process_index]
     run.data.skips.counts.update(mine["skips"])

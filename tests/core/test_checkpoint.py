@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -11,6 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from metaqueries_core import checkpoint as ckpt
+from metaqueries_core.images import resize_center_crop
 
 
 @pytest.fixture
@@ -84,6 +86,10 @@ def test_image_crop_round_trips_and_crops_what_the_mllm_sees(tmp_path, mllm_load
     loaded.prepare(mllm, ["make it green"], [[wide]])
     (shown,) = seen[0][0]
     assert shown.size == (28, 28) and shown.getcolors() == [(28 * 28, (255, 0, 0))]
+    gradient = Image.linear_gradient("L").resize((84, 56)).convert("RGB")
+    loaded.prepare(mllm, ["x"], [[gradient.quantize(64)]])  # a palette image: cropped as the RGB image it shows
+    expected = resize_center_crop(gradient.quantize(64).convert("RGB"), 28)
+    assert np.array_equal(np.asarray(seen[1][0][0]), np.asarray(expected))
     with pytest.raises(ValueError, match="image_crop must be a side in pixels >= 1 or None"):
         MetaQueryHead(num_queries=4, connector=connector, image_crop=0)
 

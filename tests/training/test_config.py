@@ -154,3 +154,11 @@ def test_an_unreadable_config_file_is_a_config_error(tmp_path, make):
         path.write_bytes("train:\n  output_dir: caf\xe9\n".encode("latin-1"))
     with pytest.raises(ConfigError, match=r"cannot read YAML config .*c.yaml"):
         load_config(RunConfig, path)
+
+
+def test_yaml_merge_keys_still_work(tmp_path):
+    """`<<: *anchor` is how YAML shares settings; the duplicate-key check must not mistake it for a key."""
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  <<: {lr: 3.0e-4, warmup_steps: 5}\n  warmup_steps: 10\n")
+    cfg = load_config(RunConfig, path)
+    assert (cfg.optim.lr, cfg.optim.warmup_steps) == (3.0e-4, 10)

@@ -255,6 +255,22 @@ def test_eval_cli_refuses_bad_settings_and_missing_models(tmp_path, capsys, arg,
     assert exit_.value.code == 2 and says in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "out, says",
+    [
+        ("folder", "it is a folder; give a file name in it"),
+        ("scores.png", "the sample grid is written beside the scores as <name>.png"),
+        ("a_file/sub/scores.json", "a_file' is not a writable folder"),
+    ],
+)
+def test_eval_cli_checks_out_before_scoring(tmp_path, capsys, out, says):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "a_file").write_text("mine")
+    with pytest.raises(SystemExit) as exit_:
+        eval_main([str(tmp_path / "no-models"), f"--out={tmp_path / out}"])  # refused before the models are read
+    assert exit_.value.code == 2 and says in capsys.readouterr().err
+
+
 def test_eval_cli_names_an_unreadable_checkpoint(tmp_path, capsys):
     ckpt = tmp_path / "models" / "metaqueries" / CHECKPOINT_NAME
     ckpt.parent.mkdir(parents=True)

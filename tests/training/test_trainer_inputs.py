@@ -105,8 +105,14 @@ def test_a_finished_run_without_checkpoints_is_not_overwritten(folders, tmp_path
         capsys.readouterr().err
     )
     assert (out / "metaquery.safetensors").read_bytes() == export
+    assert main(args(folders, out, "--train.checkpoint_every=0", "--train.resume=true", "--optim.lr=5e-4")) == 1
+    assert "holds a finished run" in capsys.readouterr().err  # no checkpoint: it would train again from step 0
     assert main(args(folders, out, "--train.checkpoint_every=0", "--train.overwrite=true", "--train.steps=0")) == 2
     assert (out / "metaquery.safetensors").read_bytes() == export  # a config error changes nothing
+    (out / "samples").mkdir()
+    (out / "samples" / "step-00000002.png").write_bytes(b"grid")
+    assert main(args(folders, out, "--train.checkpoint_every=0", "--train.overwrite=true", "--optim.lr=5e-4")) == 0
+    assert (out / "metaquery.safetensors").read_bytes() != export and not (out / "samples").exists()
 
 
 @pytest.mark.parametrize("what", ["file", "export_folder"])
@@ -141,6 +147,16 @@ def test_damaged_resume_files_are_named_with_what_to_do(folders, tmp_path, capsy
     err = capsys.readouterr().err
     assert "trainer_state.json' is damaged" in err and f"delete {str(newest)!r} to resume from the checkpoint" in err
     (newest / "trainer_state.json").write_text(state)
+    from accelerate import Accelerator
+
+    def size_mismatch(self, *a, **k):  # weights of other model folders
+        raise RuntimeError("Error(s) in loading state_dict for TrainStep:\n\tsize mismatch for head.queries")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Accelerator, "load_state", size_mismatch)
+        assert main(args(folders, out, "--train.checkpoint_every=1", "--train.steps=4", "--train.resume=true")) == 1
+    err = capsys.readouterr().err
+    assert "are not the models it was trained with" in err and "delete" not in err and "size mismatch" not in err
     weights = newest / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:40])
     assert main(args(folders, out, "--train.checkpoint_every=1", "--train.steps=4", "--train.resume=true")) == 1
