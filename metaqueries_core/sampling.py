@@ -127,10 +127,9 @@ def denoise(
         x = sched.scale_model_input(torch.cat([latents] * branches), t)  # (K*B, c, h, w)
         out = decoder.predict(x.to(dtype), t.expand(x.shape[0]), cond, mask).float()  # (K*B, c, h, w)
         out = combine(out.chunk(branches), guidance)  # (B, c, h, w)
-        if callback is not None:
-            denoised = decoder.denoised(x[: out.shape[0]], out, t)  # (B, c, h, w); every branch's x is the same
         latents = sched.step(out, t, latents, return_dict=False)[0]
         if callback is not None:
+            denoised = decoder.denoised(x[: out.shape[0]], out, t)  # (B, c, h, w); every branch's x is the same
             callback(i, len(sched.timesteps), latents, denoised)
     return latents
 
