@@ -31,7 +31,7 @@ def checkpoint_dirs(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and NAME.fullmatch(p.name) and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(NAME.fullmatch(p.name)[1]))
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))  # NAME matched: digits after the prefix
 
 
 def latest_checkpoint(root: Path) -> Path | None:

@@ -107,7 +107,7 @@ FORMAT_OPTIONS: dict[str, tuple[str, ...]] = {
     "hf": ("layout", "split", "split_by", "prompt_choice"),
     "webdataset": ("split", "split_by", "caption_key", "instruction_key"),
 }
-FORMAT_OPTION_NAMES = sorted({name for names in FORMAT_OPTIONS.values() for name in names})
+FORMAT_OPTION_NAMES = tuple(sorted({name for names in FORMAT_OPTIONS.values() for name in names}))
 FILE_OPTIONS = ("path", "resolution", "random_crop", "buckets")  # data read from files; not the toy world
 TOYWORLD_OPTIONS = (
     "toyworld_size",
@@ -149,7 +149,7 @@ class DataSection:
         at_least("data.resolution", self.resolution, 1)
         at_least("data.toyworld_size", self.toyworld_size, 1)
         within("data.toyworld_seed", self.toyworld_seed, 0, MAX_SEED)
-        given = [name for name in FORMAT_OPTION_NAMES if getattr(self, name) not in (None, "auto")]
+        given = given_beyond_default(self, FORMAT_OPTION_NAMES)
         if wrong := [name for name in given if name not in FORMAT_OPTIONS[self.kind]]:
             allowed = ", ".join(f"data.{n}" for n in FORMAT_OPTIONS[self.kind]) or "none of them"
             raise ValueError(

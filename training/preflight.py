@@ -77,11 +77,13 @@ def check_output_dir(cfg: RunConfig) -> None:
         raise SetupError(f"{str(out / t.export_name)!r} is a folder; the run exports its checkpoint to that path")
     # what a run leaves once it has trained (one stopped before its first logged step, e.g. on bad data, left only its
     # config and an empty metrics file: nothing to keep)
-    trained = ("metrics.jsonl", "summary.json", t.export_name)
-    earlier = [name for name in trained if (out / name).is_file() and (out / name).stat().st_size]
-    if checkpoints.checkpoint_dirs(out / "checkpoints"):
-        earlier.insert(0, "checkpoints/")
-    if t.resume and earlier and "checkpoints/" not in earlier and {"summary.json", t.export_name} & set(earlier):
+    trained = [
+        n for n in ("metrics.jsonl", "summary.json", t.export_name) if (out / n).is_file() and (out / n).stat().st_size
+    ]
+    checkpointed = bool(checkpoints.checkpoint_dirs(out / "checkpoints"))
+    earlier = (["checkpoints/"] if checkpointed else []) + trained
+    finished = {"summary.json", t.export_name} & set(trained)
+    if t.resume and finished and not checkpointed:
         raise SetupError(
             f"{t.output_dir!r} holds a finished run ({', '.join(earlier)}) and no checkpoint to resume from; "
             "--train.resume=true would train it again from step 0: pass --train.overwrite=true for that, or choose "
