@@ -210,11 +210,16 @@ def main(argv: list[str] | None = None) -> int:
         **job.eval_settings(),
         grid_path=out.with_suffix(".png"),
     )
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(scores, indent=2))
-    os.replace(tmp, out)  # a whole file or the previous one
+    write_scores(scores, out)
     print(json.dumps(scores, indent=2))
     return 0
+
+
+def write_scores(scores: dict, path: Path) -> None:
+    """`scores` as JSON at `path`, written beside it and renamed: a whole file or the previous one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(scores, indent=2))
+    os.replace(tmp, path)
 
 
 def cannot_write(path: Path) -> str | None:

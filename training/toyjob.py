@@ -47,6 +47,7 @@ from .config import (
     check_caption_mix,
 )
 from .config_io import ConfigError, load_config, save_config
+from .eval import evaluate, write_scores
 from .toy.autoencoder import AutoencoderConfig, reconstruction_accuracy, train_autoencoder
 from .toy.probe import conditioning_probe
 from .toy.teach import TeachConfig, teach, understanding_accuracy
@@ -559,8 +560,6 @@ def load_exported(models: Path):
 
 
 def stage_score(cfg: ToyJobConfig, out: Path, models: Path, world: ToyWorld, teach_record: dict) -> dict:
-    from .eval import evaluate
-
     mllm, head, decoder = load_exported(models)
     # the frozen MLLM must answer exactly as it did right after teaching, sample by sample
     after = {split: understanding_accuracy(mllm, world, split, cfg.eval_questions) for split in SPLITS}
@@ -606,8 +605,7 @@ def run_toy_job(argv: list[str]) -> int:
     scores = stage_score(cfg, out, models, world, teach_record)
     scores["wall_seconds"] = time.perf_counter() - t0
     scores["config"] = asdict(cfg)
-    (out / "scores.json.tmp").write_text(json.dumps(scores, indent=2))
-    replace_path(out / "scores.json.tmp", out / "scores.json")
+    write_scores(scores, out / "scores.json")
     done = (out / "scores.json", out / "samples.png", models, inputs)
     log.info("done in %.0f s: %s, %s, %s, %s", scores["wall_seconds"], *done)
     return 0
