@@ -3,8 +3,8 @@
 a temp file renamed into place.
 
 Format versions: 1 as first written; 2 adds `prompt_suffix`, `prompt_template`, `empty_prompt`, `lead_slots` and the
-connector's `out_norm_eps` and `final_norm` (defaults: what version 1 meant); 3 adds `image_crop` (default None: what
-versions 1 and 2 meant)."""
+connector's `out_norm_eps` and `final_norm` (defaults: what version 1 meant); 3 adds `image_crop` and 4
+`min_image_tokens` (default None: what the earlier versions meant)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from .file_modes import apply_umask
 from .head import HEAD_KEYS, MetaQueryHead
 from .state_fit import misfit
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 METADATA_KEY = "metaqueries_config"
 Stage = Literal["pretrain", "instruct"]
 
@@ -44,6 +44,9 @@ class MetaQueryConfig:
     empty_prompt: str | None = None  # with a template: the prompt of an empty caption
     lead_slots: int = 0  # learned slots before the queries, not read out (`queries.lead`)
     image_crop: int | None = None  # input images scaled and centre-cropped to this square first (None: as they are)
+    min_image_tokens: int | None = (
+        None  # Qwen-VL: smaller input images scaled up to this many tokens (None: as they are)
+    )
     mllm_name: str = ""  # a hint for users (folder name), never used to pick code
     decoder_name: str = ""
     format_version: int = FORMAT_VERSION

@@ -24,6 +24,7 @@ HEAD_KEYS = (
     "empty_prompt",
     "lead_slots",
     "image_crop",
+    "min_image_tokens",
 )
 
 
@@ -42,19 +43,27 @@ class MetaQueryHead(nn.Module):
         empty_prompt: str | None = None,
         lead_slots: int = 0,
         image_crop: int | None = None,
+        min_image_tokens: int | None = None,
     ) -> None:
         """`prompt_suffix`, `prompt_template`, `empty_prompt`: the caption's text beyond the chat template
         (`PromptLayout`); `lead_slots`: learned slots before the queries whose states are not read out (the
         reference code's "\\n<begin_of_img>" is prompt_suffix "\\n" and one lead slot); `image_crop`: input images
         are scaled and centre-cropped to this square before the MLLM's own processing (the reference trainer does
-        it at 384 for LLaVA-OneVision), or left as they are (None)."""
+        it at 384 for LLaVA-OneVision), or left as they are (None); `min_image_tokens`: an MLLM that sizes images
+        dynamically (Qwen-VL) scales smaller input images up to at least this many tokens (the reference trains
+        Qwen2.5-VL at 256), or keeps the folder's minimum (None)."""
         if image_crop is not None and image_crop < 1:
             raise ValueError(f"image_crop must be a side in pixels >= 1 or None (no crop), got {image_crop!r}")
+        if min_image_tokens is not None and min_image_tokens < 1:
+            raise ValueError(
+                f"min_image_tokens must be >= 1 or None (the MLLM folder's minimum), got {min_image_tokens!r}"
+            )
         super().__init__()
         # the prompt format is part of what was trained: it travels with the checkpoint, not with the MLLM
         self.system_prompt = system_prompt
         self.max_prompt_tokens = max_prompt_tokens
         self.image_crop = image_crop
+        self.min_image_tokens = min_image_tokens
         self.layout = PromptLayout(suffix=prompt_suffix, template=prompt_template, empty=empty_prompt)
         self.queries = MetaQueries(
             num_queries=num_queries, width=connector.in_width, init_std=connector.init_std, lead_slots=lead_slots
@@ -78,6 +87,7 @@ class MetaQueryHead(nn.Module):
             "empty_prompt": self.layout.empty,
             "lead_slots": self.queries.lead_slots,
             "image_crop": self.image_crop,
+            "min_image_tokens": self.min_image_tokens,
         }
 
     @classmethod
@@ -94,7 +104,8 @@ class MetaQueryHead(nn.Module):
     def prepare(
         self, mllm: MLLMAdapter, prompts: list[str], images: list[list[Image.Image]] | None = None
     ) -> PromptBatch:
-        """Tokenise with this head's prompt format and query count (input images cropped as it was trained)."""
+        """Tokenise with this head's prompt format and query count (input images cropped and sized as it was
+        trained)."""
         if images is not None and self.image_crop is not None:
             # RGB first: Pillow resizes palette images with nearest neighbour whatever filter is asked for
             images = [[resize_center_crop(to_rgb(im), self.image_crop) for im in sample] for sample in images]
@@ -105,6 +116,7 @@ class MetaQueryHead(nn.Module):
             system_prompt=self.system_prompt,
             max_prompt_tokens=self.max_prompt_tokens,
             layout=self.layout,
+            min_image_tokens=self.min_image_tokens,
         )
 
     def states(self, mllm: MLLMAdapter, batch: PromptBatch, *, prefix_cache: bool = False) -> torch.Tensor:

@@ -77,6 +77,9 @@ class ModelSection:
     # input images (instruct stage) scaled and centre-cropped to this square before the MLLM's own processing, as the
     # reference trains LLaVA-OneVision (384); None: the MLLM folder's processing alone
     image_crop: int | None = None
+    # Qwen-VL MLLMs (instruct stage): input images smaller than this many image tokens are scaled up to it, as the
+    # reference trains Qwen2.5-VL (256); None: the MLLM folder's own minimum
+    min_image_tokens: int | None = None
     connector: ConnectorSection = field(default_factory=ConnectorSection)
     decoder_mode: Literal["frozen", "full", "lora"] = "frozen"  # the MLLM is always frozen
     lora_rank: int = 16
@@ -92,6 +95,7 @@ class ModelSection:
         at_least("model.max_prompt_tokens", self.max_prompt_tokens, 1)
         at_least("model.lead_slots", self.lead_slots, 0)
         at_least("model.image_crop", self.image_crop, 1, " (or null: no crop)")
+        at_least("model.min_image_tokens", self.min_image_tokens, 1, " (or null: the MLLM folder's minimum)")
         at_least("model.lora_rank", self.lora_rank, 1)
         above("model.train_shift", self.train_shift, 0, " (1.0 = uniform noise levels)")
         if self.decoder_mode != "lora" and given_beyond_default(self, ("lora_rank",)):

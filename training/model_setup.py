@@ -58,6 +58,11 @@ def load_run_decoder(cfg: ModelSection, device: torch.device) -> DecoderAdapter:
 def build_head(cfg: ModelSection, mllm: MLLMAdapter, decoder: DecoderAdapter) -> MetaQueryHead:
     """A fresh head, or the one in `init_checkpoint` (checked against the loaded models and against the head this
     config describes; its decoder weights are applied to the decoder)."""
+    if cfg.min_image_tokens is not None and not mllm.scales_images:
+        raise ValueError(
+            f"model.min_image_tokens is set, but MLLM {cfg.mllm!r} ({mllm.family}) gives every image fixed tiles; it "
+            "applies to Qwen2-VL and Qwen2.5-VL: drop it"
+        )
     connector = connector_config(cfg, mllm, decoder)
     if cfg.init_checkpoint:
         config, head, decoder_state = load_checkpoint(cfg.init_checkpoint)

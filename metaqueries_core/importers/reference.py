@@ -36,6 +36,9 @@ MODEL_TYPE = "metaquery"
 # the square the reference scales and centre-crops input images to, per MLLM family (its models/model.py sets a
 # Resize(384) + CenterCrop(384) for LLaVA-OneVision and nothing for Qwen2.5-VL)
 REFERENCE_IMAGE_CROP = {"llava_onevision": 384}
+# the fewest tokens the reference gives an input image, per family (its models/model.py loads the Qwen2.5-VL processor
+# with min_pixels 256 * 28 * 28: 256 merged patches); LLaVA-OneVision's fixed tiles have no such setting
+REFERENCE_MIN_IMAGE_TOKENS = {"qwen2_5_vl": 256, "qwen2_vl": 256}
 CONNECTOR, BACKBONE, DECODER = "model.connector.", "model.mllm_backbone.", "model.transformer."
 PROJECTION = {"1": "proj.0", "3": "proj.2", "4": "proj.3"}  # Linear, (GELU), Linear, RMSNorm
 LAYER_RENAMES = (
@@ -226,6 +229,7 @@ def reference_parts(
         prompt_suffix="\n",
         lead_slots=1,
         image_crop=REFERENCE_IMAGE_CROP.get(family),
+        min_image_tokens=REFERENCE_MIN_IMAGE_TOKENS.get(family),
         mllm_name=Path(str(trainer_config.get("mllm_id", ""))).name,
         decoder_name=Path(str(trainer_config.get("diffusion_model_id", ""))).name,
         extra={"imported_from": "facebookresearch/metaquery trainer", "source": folder.name},

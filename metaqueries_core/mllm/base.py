@@ -164,13 +164,21 @@ class MLLMAdapter(ABC):
     def min_image_side(self) -> int:
         return 1
 
+    # whether the image processor scales each image to a token count in a range (Qwen-VL's dynamic resolution), so a
+    # checkpoint's `min_image_tokens` applies; fixed-tile families (LLaVA-OneVision, InternVL) cannot take it
+    scales_images = False
+
     @property
     def max_image_aspect(self) -> float | None:
         """The largest long / short side ratio the image processor accepts (None: any)."""
         return None
 
-    def image_features(self, images: list[list[Image.Image]]) -> tuple[list[torch.Tensor], dict[str, Any]]:
-        """Vision features per image (each (n_i, D), in batch order) and the HF kwargs that carry the pixels."""
+    def image_features(
+        self, images: list[list[Image.Image]], *, min_tokens: int | None = None
+    ) -> tuple[list[torch.Tensor], dict[str, Any]]:
+        """Vision features per image (each (n_i, D), in batch order) and the HF kwargs that carry the pixels.
+        `min_tokens` (families with `scales_images` only; `tokenize` refuses it for the others): smaller images are
+        scaled up to at least this many tokens."""
         raise NotImplementedError(f"{type(self).__name__} takes images but does not implement image_features")
 
     def expand_image(self, num_features: int) -> str:
@@ -255,11 +263,13 @@ class MLLMAdapter(ABC):
         system_prompt: str | None | Default = DEFAULT,
         max_prompt_tokens: int | None = None,
         layout: PromptLayout = PLAIN,
+        min_image_tokens: int | None = None,
     ) -> tuple[list[list[int]], list[torch.Tensor], dict[str, Any]]:
         """Chat-formatted token rows (image placeholders expanded to the feature counts), the vision features per
         image (each (n_i, D)) and the family's pixel kwargs. The features follow the caller's gradient mode:
         `prepare` runs without gradient, teaching with it (the vision tower learns there). `layout` adds a
-        checkpoint's suffix or replaces the chat template by its own."""
+        checkpoint's suffix or replaces the chat template by its own; `min_image_tokens` scales smaller images up
+        (`scales_images` families)."""
         system_prompt = self.system_prompt if system_prompt is DEFAULT else system_prompt
         max_tokens = self.max_prompt_tokens if max_prompt_tokens is None else max_prompt_tokens
         if isinstance(prompts, str):
@@ -270,7 +280,14 @@ class MLLMAdapter(ABC):
                 "this checkpoint writes its prompts from a template (an imported OpenUni text-to-image format), "
                 "which takes no input images: use it for text-to-image"
             )
-        feats, extra = self.image_features(images) if any(images) else ([], {})
+        if min_image_tokens is not None and min_image_tokens < 1:
+            raise ValueError(f"min_image_tokens must be >= 1 or None (the folder's minimum), got {min_image_tokens!r}")
+        if min_image_tokens is not None and not self.scales_images:
+            raise ValueError(
+                f"min_image_tokens={min_image_tokens} applies to MLLMs that scale images to a token count (Qwen2-VL, "
+                f"Qwen2.5-VL); MLLM {self.name!r} ({self.family}) gives every image fixed tiles"
+            )
+        feats, extra = self.image_features(images, min_tokens=min_image_tokens) if any(images) else ([], {})
         counts = iter([f.shape[0] for f in feats])
         rows = []
         for caption, sample_images in zip(prompts, images):
@@ -311,14 +328,20 @@ class MLLMAdapter(ABC):
         system_prompt: str | None | Default = DEFAULT,
         max_prompt_tokens: int | None = None,
         layout: PromptLayout = PLAIN,
+        min_image_tokens: int | None = None,
     ) -> PromptBatch:
         """Tokenise prompts (+ images), left-pad, append `num_queries` slots, embed with vision features merged.
 
         `system_prompt` / `max_prompt_tokens` default to the adapter's; a checkpoint passes the ones it was trained
-        with, and its prompt layout.
+        with, its prompt layout and its smallest image size.
         """
         rows, feats, extra = self.tokenize(
-            prompts, images, system_prompt=system_prompt, max_prompt_tokens=max_prompt_tokens, layout=layout
+            prompts,
+            images,
+            system_prompt=system_prompt,
+            max_prompt_tokens=max_prompt_tokens,
+            layout=layout,
+            min_image_tokens=min_image_tokens,
         )
         input_ids, attention_mask = left_pad(rows, self.pad_id, num_queries)  # (B, L)
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)

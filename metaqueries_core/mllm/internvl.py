@@ -38,7 +38,9 @@ class InternVLAdapter(MLLMAdapter):
                 f"folder's tokenizer has {self.start_token}, {self.image_token} and {self.end_token}"
             )
 
-    def image_features(self, images: list[list[Image.Image]]) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    def image_features(
+        self, images: list[list[Image.Image]], *, min_tokens: None = None
+    ) -> tuple[list[torch.Tensor], dict[str, Any]]:
         flat = [im for sample in images for im in sample]
         # tile size and min / max tiles come from the folder's image processor; tiling is on, as upstream's processor
         px = self.image_processor(images=flat, crop_to_patches=True, return_tensors="pt")

@@ -15,7 +15,9 @@ class LlavaOneVisionAdapter(MLLMAdapter):
     image_token = "<image>"
     default_max_images = 8
 
-    def image_features(self, images: list[list[Image.Image]]) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    def image_features(
+        self, images: list[list[Image.Image]], *, min_tokens: None = None
+    ) -> tuple[list[torch.Tensor], dict[str, Any]]:
         cfg = self.model.config
         with_images = [sample for sample in images if sample]
         px = self.image_processor(images=with_images, return_tensors="pt")

@@ -18,6 +18,7 @@ class QwenVLAdapter(MLLMAdapter):
     model_types = ("qwen2_5_vl", "qwen2_vl")
     image_token = "<|image_pad|>"
     default_max_images = 8
+    scales_images = True
 
     def __init__(self, *, max_image_tokens: int | None = REFERENCE_MAX_IMAGE_TOKENS, **kwargs: Any) -> None:
         """`max_image_tokens` caps the tokens of one input image below the image processor's own pixel limit
@@ -33,6 +34,14 @@ class QwenVLAdapter(MLLMAdapter):
             )
         self.image_size = size
 
+    def pixel_range(self, min_tokens: int | None) -> dict[str, int]:
+        """The processor's {"shortest_edge": min pixels, "longest_edge": max pixels}, with the minimum raised to
+        `min_tokens` merged patches (the reference's min_pixels 256 * 28 * 28); a minimum above the cap wins."""
+        if min_tokens is None:
+            return self.image_size
+        least = max(self.image_size["shortest_edge"], min_tokens * self.min_image_side**2)
+        return {"shortest_edge": least, "longest_edge": max(self.image_size["longest_edge"], least)}
+
     @property
     def min_image_side(self) -> int:
         # the processor's smart_resize needs at least one merged patch per side
@@ -42,9 +51,11 @@ class QwenVLAdapter(MLLMAdapter):
     def max_image_aspect(self) -> float:
         return 200.0  # transformers' smart_resize raises above this ratio
 
-    def image_features(self, images: list[list[Image.Image]]) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    def image_features(
+        self, images: list[list[Image.Image]], *, min_tokens: int | None = None
+    ) -> tuple[list[torch.Tensor], dict[str, Any]]:
         flat = [im for sample in images for im in sample]
-        px = self.image_processor(images=flat, size=self.image_size, return_tensors="pt")
+        px = self.image_processor(images=flat, size=self.pixel_range(min_tokens), return_tensors="pt")
         pixel_values = px["pixel_values"].to(self.device, self.dtype)  # (sum of patches, C*T*P*P)
         grid = px["image_grid_thw"].to(self.device)  # (num_images, 3)
         feats = self.model.model.get_image_features(pixel_values, grid).pooler_output  # tuple of (n_i, D)

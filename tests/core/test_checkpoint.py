@@ -33,13 +33,13 @@ def test_round_trip_is_exact(saved):
 
 
 def test_version_1_checkpoints_load_with_the_defaults_they_meant(saved, tmp_path):
-    """Version 2 added prompt_suffix, lead_slots and the connector's out_norm_eps, version 3 image_crop; a version-1
-    file has none."""
+    """Version 2 added prompt_suffix, lead_slots and the connector's out_norm_eps, version 3 image_crop and version 4
+    min_image_tokens; a version-1 file has none."""
     path, head, _ = saved
     with safe_open(str(path), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
         data = json.loads(f.metadata()[ckpt.METADATA_KEY])
-    for key in ("prompt_suffix", "lead_slots", "image_crop"):
+    for key in ("prompt_suffix", "lead_slots", "image_crop", "min_image_tokens"):
         del data[key]
     del data["connector"]["out_norm_eps"]
     data["format_version"] = 1
@@ -48,6 +48,7 @@ def test_version_1_checkpoints_load_with_the_defaults_they_meant(saved, tmp_path
     config, loaded, _ = ckpt.load_checkpoint(old)
     assert (config.prompt_suffix, config.lead_slots, config.connector.out_norm_eps) == ("", 0, 1e-6)
     assert config.image_crop is None and loaded.image_crop is None
+    assert config.min_image_tokens is None and loaded.min_image_tokens is None
     states = torch.randn(2, head.num_queries, head.queries.width)
     torch.testing.assert_close(loaded.connect(states)[0], head.connect(states)[0], rtol=0, atol=0)
 
@@ -92,6 +93,24 @@ def test_image_crop_round_trips_and_crops_what_the_mllm_sees(tmp_path, mllm_load
     assert np.array_equal(np.asarray(seen[1][0][0]), np.asarray(expected))
     with pytest.raises(ValueError, match="image_crop must be a side in pixels >= 1 or None"):
         MetaQueryHead(num_queries=4, connector=connector, image_crop=0)
+
+
+def test_min_image_tokens_round_trips_and_sizes_what_the_mllm_sees(tmp_path, mllm_loader, decoder_loader):
+    from metaqueries_core.connector import ConnectorConfig
+    from metaqueries_core.head import MetaQueryHead
+
+    mllm, decoder = mllm_loader("qwen2_5_vl"), decoder_loader("sana")
+    connector = ConnectorConfig(in_width=mllm.width, out_width=decoder.text_width, depth=1)
+    head = MetaQueryHead(num_queries=4, connector=connector, min_image_tokens=16)
+    config = ckpt.config_for(head, mllm=mllm, decoder=decoder)
+    loaded_config, loaded, _ = ckpt.load_checkpoint(ckpt.save_checkpoint(tmp_path / "min.safetensors", head, config))
+    assert loaded_config.min_image_tokens == 16 and loaded.min_image_tokens == 16
+    small = [[Image.new("RGB", (16, 16), (255, 0, 0))]]
+    for model, tokens in ((loaded, 16), (MetaQueryHead(num_queries=4, connector=connector), 4)):
+        batch = model.prepare(mllm, ["make it green"], small)
+        assert int((batch.input_ids == mllm.image_token_id).sum()) == tokens
+    with pytest.raises(ValueError, match="min_image_tokens must be >= 1 or None"):
+        MetaQueryHead(num_queries=4, connector=connector, min_image_tokens=0)
 
 
 def test_slot_embedding_round_trips(tmp_path, mllm_loader, decoder_loader, make_head):
@@ -227,7 +246,10 @@ def test_a_file_whose_tensors_do_not_fit_its_config_is_named(saved, tmp_path):
         (lambda d: {k: v for k, v in d.items() if k != "mllm_width"}, r"lacks the required keys \['mllm_width'\]"),
         (lambda d: {k: v for k, v in d.items() if k != "connector"}, r"ConnectorConfig is missing or not an object"),
         (lambda d: {**d, "connector": {**d["connector"], "typo": 1}}, r"ConnectorConfig has unknown keys \['typo'\]"),
-        (lambda d: {**d, "format_version": 4, "new_field": 1}, r"format version 4 is newer than this code's 3"),
+        (
+            lambda d: {**d, "format_version": ckpt.FORMAT_VERSION + 1, "new_field": 1},
+            rf"format version {ckpt.FORMAT_VERSION + 1} is newer than this code's {ckpt.FORMAT_VERSION}",
+        ),
         (lambda d: {**d, "format_version": "2"}, r"format_version must be an integer, got '2'"),
     ],
 )

@@ -119,6 +119,7 @@ def test_the_mllm_family_is_read_from_the_weights(family, reference, mllm_folder
     mllm = mllm_loader(family)
     assert config.mllm_family == family
     assert config.image_crop == (384 if family == "llava_onevision" else None)  # as the reference feeds its images
+    assert config.min_image_tokens == (None if family == "llava_onevision" else 256)  # its Qwen min_pixels
     check_compatible(config, mllm=mllm)
     with torch.no_grad():
         states = head.states(mllm, head.prepare(mllm, ["a red circle"]))[0]

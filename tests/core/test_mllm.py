@@ -131,6 +131,31 @@ def test_qwen_images_are_capped_at_the_reference_trainers_token_count(mllm_folde
     assert image_tokens() <= 1280 < image_tokens(max_image_tokens=None) == (352 // 8) ** 2
 
 
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
+def test_qwen_small_images_are_scaled_up_to_min_image_tokens(mllm_loader, family):
+    """The reference gives Qwen2.5-VL images at least 256 tokens; `min_image_tokens` scales a smaller image up to that
+    many. The tiny processor's own range is 4-64 tokens of 8-px merged patches."""
+    mllm = mllm_loader(family)
+
+    def image_tokens(side: int, **options) -> int:
+        batch = mllm.prepare(["x"], [[Image.new("RGB", (side, side), (200, 30, 30))]], num_queries=1, **options)
+        return int((batch.input_ids == mllm.image_token_id).sum())
+
+    assert image_tokens(16) == image_tokens(16, min_image_tokens=None) == 4
+    assert image_tokens(16, min_image_tokens=16) == 16  # 16 px scaled to 32 px: 4 x 4 merged patches
+    assert image_tokens(48, min_image_tokens=16) == image_tokens(48) == 36  # already larger: as it is
+    assert image_tokens(16, min_image_tokens=100) == 100  # a minimum above the folder's 64-token cap wins
+    with pytest.raises(ValueError, match="min_image_tokens must be >= 1 or None"):
+        image_tokens(16, min_image_tokens=0)
+
+
+@pytest.mark.parametrize("family", ["llava_onevision", "internvl"])
+def test_fixed_tile_mllms_refuse_min_image_tokens(mllm_loader, family):
+    mllm = mllm_loader(family)
+    with pytest.raises(ValueError, match=rf"applies to MLLMs that scale images .* \({family}\) gives every image"):
+        mllm.prepare(["x"], [[red()]], num_queries=1, min_image_tokens=16)
+
+
 @pytest.mark.parametrize("family", VISION_FAMILIES)
 def test_images_change_the_states(mllm_loader, family):
     mllm = mllm_loader(family)

@@ -26,6 +26,10 @@ from training.config_io import ConfigError, load_config
         ("--model.max_prompt_tokens=0", "model.max_prompt_tokens must be >= 1"),
         ("--model.lora_rank=0", "model.lora_rank must be >= 1"),
         ("--model.image_crop=0", r"model.image_crop must be >= 1, got 0 \(or null: no crop\)"),
+        (
+            "--model.min_image_tokens=0",
+            r"model.min_image_tokens must be >= 1, got 0 \(or null: the MLLM folder's minimum\)",
+        ),
         ("--model.train_shift=0", "model.train_shift must be > 0"),
         ("--model.connector.depth=-1", "model.connector.depth must be >= 0"),
         ("--model.connector.width=0", "model.connector.width must be >= 1"),

@@ -36,6 +36,13 @@ def test_empty_init_text_is_refused(mllm_loader, decoder_loader):
         build_head(cfg, mllm_loader("qwen2_5_vl"), decoder_loader("sana"))
 
 
+def test_min_image_tokens_reaches_a_qwen_head_and_is_refused_for_fixed_tiles(mllm_loader, decoder_loader):
+    cfg = ModelSection(num_queries=4, min_image_tokens=256, connector=ConnectorSection(depth=1))
+    assert build_head(cfg, mllm_loader("qwen2_5_vl"), decoder_loader("sana")).min_image_tokens == 256
+    with pytest.raises(ValueError, match=r"min_image_tokens is set, but .* \(llava_onevision\) gives every image"):
+        build_head(cfg, mllm_loader("llava_onevision"), decoder_loader("sana"))
+
+
 def test_train_shift_reaches_the_flow_decoder_and_is_refused_elsewhere(mllm_folder, decoder_loader):
     from training.model_setup import load_models
 

@@ -297,6 +297,8 @@ def test_every_shipped_config_loads_strictly(path):
         assert {k: getattr(cfg.model, k) for k in HEAD_KEYS} == {k: getattr(pre, k) for k in HEAD_KEYS}
     if "llava_ov" in path.stem:  # the reference feeds LLaVA-OneVision 384 x 384 centre crops
         assert cfg.model.image_crop == 384
+    if "qwen2p5vl" in path.stem:  # and Qwen2.5-VL images of at least 256 tokens
+        assert cfg.model.min_image_tokens == 256
 
 
 def test_tiny_models_refuse_a_file_as_their_folder(tmp_path, capsys):
