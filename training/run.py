@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from .config import RunConfig
@@ -41,10 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     if config_path is None and not any(a.startswith("--model.") for a in argv):
         from .toyjob import run_toy_job
 
-        resume = (
-            "run the same command again to continue. Finished stages are reused, pretrain and instruct resume from "
-            "their last checkpoint, an unfinished teach or autoencoder stage starts over"
-        )
+        def resume() -> str:
+            return (
+                "run the same command again to continue. Finished stages are reused, pretrain and instruct resume "
+                "from their last checkpoint, an unfinished teach or autoencoder stage starts over"
+            )
+
         return reported(lambda: run_toy_job(argv), resume)
     try:
         cfg = load_config(RunConfig, config_path, argv)
@@ -53,11 +56,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .trainer import train
 
-    where = Path(cfg.train.output_dir) / "checkpoints"
-    resume = (
-        f"the checkpoints written so far are in {str(where)!r}; run the same command with --train.resume=true to "
-        "continue from the newest"
-    )
+    def resume() -> str:
+        """What to do next, from what the run left (read when it stops: it may have stopped before any checkpoint)."""
+        from .checkpoints import latest_checkpoint
+
+        where = Path(cfg.train.output_dir) / "checkpoints"
+        if latest_checkpoint(where) is None:
+            return (
+                f"no checkpoint was written yet (in {str(where)!r}); run the same command with --train.resume=true to "
+                "start again from step 0"
+            )
+        return (
+            f"the checkpoints written so far are in {str(where)!r}; run the same command with --train.resume=true "
+            "to continue from the newest"
+        )
 
     def run_training() -> int:
         train(cfg)
@@ -66,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     return reported(run_training, resume)
 
 
-def reported(run, resume: str) -> int:
-    """`run()`'s exit code, with the errors a run can stop on turned into one line and their exit code."""
+def reported(run: Callable[[], int], resume: Callable[[], str]) -> int:
+    """`run()`'s exit code, with the errors a run can stop on turned into one line and their exit code; `resume()`
+    says how to go on after a file-system error or Ctrl-C."""
     from safetensors import SafetensorError
 
     from .data import NoUsableSampleError
@@ -79,13 +92,13 @@ def reported(run, resume: str) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except (OSError, SafetensorError) as e:  # the file system (full disk, permissions, a missing or damaged file)
-        print(f"error: {e}; {resume}", file=sys.stderr)
+        print(f"error: {e}; {resume()}", file=sys.stderr)
         return 1
     except TrainingDiverged as e:
         print(f"training stopped: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"interrupted: {resume}", file=sys.stderr)
+        print(f"interrupted: {resume()}", file=sys.stderr)
         return INTERRUPTED
 
 

@@ -221,6 +221,23 @@ def test_ctrl_c_says_how_to_continue_and_that_continues(folders, tmp_path, capsy
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3]  # step 3 after the resume
 
 
+def test_ctrl_c_before_the_first_checkpoint_says_so(folders, tmp_path, capsys, monkeypatch):
+    from training import trainer
+
+    def ctrl_c(*a, **k):  # the user presses Ctrl-C during the first step
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "accumulate", ctrl_c)
+    out = tmp_path / "run"
+    assert main(args(folders, out, "--train.checkpoint_every=2")) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted: no checkpoint was written yet (in {str(out / 'checkpoints')!r})" in err
+    assert "--train.resume=true to start again from step 0" in err and "written so far" not in err
+    monkeypatch.undo()
+    assert main(args(folders, out, "--train.checkpoint_every=2", "--train.resume=true")) == 0
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3]
+
+
 def test_ctrl_c_in_the_toy_job_says_how_to_continue(capsys, monkeypatch):
     import training.toyjob
 
