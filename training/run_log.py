@@ -48,7 +48,14 @@ class MetricsLog:
             self.acc.log(record, step=record["step"])
 
 
-def _records(path: Path) -> list[tuple[str, dict[str, Any]]]:
+def check_metrics(path: Path) -> None:
+    """Before a resume, on every process: a metrics file the main process cannot continue is refused by all of them
+    (a rank left waiting for the others would hang until the collective timeout)."""
+    if path.is_file():
+        _records(path, warn=False)  # the main process warns when it continues the file
+
+
+def _records(path: Path, *, warn: bool = True) -> list[tuple[str, dict[str, Any]]]:
     """(line, record) of a metrics file. A last line cut short by a kill mid-write is dropped (its step is logged
     again after the checkpoint); any other unreadable line is an error naming it."""
     text = path.read_text()
@@ -56,14 +63,20 @@ def _records(path: Path) -> list[tuple[str, dict[str, Any]]]:
     out = []
     for number, line in enumerate(lines, 1):
         try:
-            out.append((line, json.loads(line)))
+            record = json.loads(line)
         except json.JSONDecodeError as e:
             if number == len(lines) and not text.endswith("\n"):
-                log.warning("%s: dropped its last line, cut short when the run was killed: %r", path, line[:80])
+                if warn:
+                    log.warning("%s: dropped its last line, cut short when the run was killed: %r", path, line[:80])
                 break
             raise SetupError(
                 f"{path} line {number} is not a JSON record ({e}): {line[:80]!r}; mend or delete that line to resume"
             ) from e
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise SetupError(
+                f"{path} line {number} is not a record with a 'step': {line[:80]!r}; mend or delete that line to resume"
+            )
+        out.append((line, record))
     return out
 
 

@@ -45,7 +45,7 @@ from .model_setup import (
 from .optim import current_rates, make_optimizer, set_base_rates
 from .preflight import RUN_FILES, SetupError, TrainingDiverged, check_run
 from .resume_check import resume_problems
-from .run_log import MetricsLog, replica_fingerprints, write_summary
+from .run_log import MetricsLog, check_metrics, replica_fingerprints, write_summary
 from .samples import write_sample_grid
 from .whole_weights import sampling_decoder, shards_weights, state_part, whole_head
 
@@ -434,6 +434,7 @@ def find_resume(acc: Accelerator, cfg: RunConfig, root: Path) -> tuple[Path, dic
             "with the run's settings (only paths, logging, saving, sampling, train.steps, the learning rates and "
             "speed / memory switches may change), or start a new run from an export via model.init_checkpoint"
         )
+    check_metrics(Path(cfg.train.output_dir) / "metrics.jsonl")
     return latest, state
 
 

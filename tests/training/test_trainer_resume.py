@@ -252,6 +252,13 @@ def test_a_refused_resume_stops_before_data_models_or_the_latent_cache(folders, 
     )
     assert refused == 1 and "train.seed: checkpoint 0, now 5" in capsys.readouterr().err
     assert manifest.stat().st_mtime_ns == before and manifest.exists()  # the shared cache was left alone
+    # a damaged metrics file is found in the same check, which every process runs (not by the main process alone
+    # once the others wait in a collective)
+    metrics = out / "metrics.jsonl"
+    for damage, message in (("not json\n", "is not a JSON record"), ("[1, 2]\n", "is not a record with a 'step'")):
+        metrics.write_text(metrics.read_text().splitlines()[0] + "\n" + damage)
+        refused = main(args(folders, out, *common, f"--data.latent_cache_dir={cache}", "--train.resume=true"))
+        assert refused == 1 and f"metrics.jsonl line 2 {message}" in capsys.readouterr().err
 
 
 def test_a_logged_loss_after_a_resume_averages_the_whole_window(folders, tmp_path, monkeypatch):
