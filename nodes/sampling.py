@@ -5,6 +5,8 @@ reports progress with live previews, honours interrupts and converts the results
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from metaqueries_core.decoders import SCHEDULER_NAMES, DecoderAdapter
@@ -61,6 +63,20 @@ def check_decoder_weights(positive: list, decoder: DecoderAdapter) -> None:
             f"the conditioning comes from checkpoint {needed!r}, which fine-tuned its decoder, but this decoder has "
             f"{has}; connect {needed!r} to Load Diffusion Decoder's checkpoint input"
         )
+
+
+def decode_each(decoder: DecoderAdapter, latents: torch.Tensor, done: Callable[[int], None]) -> torch.Tensor:
+    """Latents (B, c, h, w) -> ComfyUI IMAGE (B, H, W, 3), one image at a time: the VAE's activations are one image's
+    (a large batch at a large size would not fit where its denoising did), each finished image leaves the device,
+    and the bar and Cancel work between images. `done(k)` is called after the k-th image (1-based)."""
+    dtype = next(decoder.vae.parameters()).dtype
+    images = []
+    for k in range(latents.shape[0]):
+        comfy_env.throw_if_interrupted()
+        with torch.no_grad():
+            images.append(decoded_to_image(decoder.decode(latents[k : k + 1].to(dtype))))  # (1, H, W, 3)
+        done(k + 1)
+    return torch.cat(images)  # (B, H, W, 3)
 
 
 class DiffusionSample:
@@ -144,13 +160,16 @@ class DiffusionSample:
                 f"conditioning width {cond.shape[-1]} does not match the {decoder.family} decoder's text width "
                 f"{decoder.text_width}; use a MetaQuery checkpoint trained for this decoder"
             )
-        bar = comfy_env.progress_bar(steps)
+        bar = comfy_env.progress_bar(steps + batch_size)  # the denoising steps, then one per decoded image
         to_rgb = rgb_projection(decoder) if comfy_env.previews_enabled() else None
+        denoise_steps = steps  # the scheduler's own count, as the callback reports it
 
         def on_step(i: int, total: int, latents: torch.Tensor, denoised: torch.Tensor) -> None:
+            nonlocal denoise_steps
+            denoise_steps = total
             comfy_env.throw_if_interrupted()
             preview = None if to_rgb is None else comfy_env.preview_image(to_rgb(denoised[0]))
-            bar.update_absolute(i + 1, total, preview)
+            bar.update_absolute(i + 1, total + batch_size, preview)
 
         comfy_env.throw_if_interrupted()
         try:
@@ -167,10 +186,11 @@ class DiffusionSample:
                 seed=seed,
                 callback=on_step,
             )  # (B, c, h, w)
-            with torch.no_grad():
-                images = decoder.decode(latents.to(next(decoder.vae.parameters()).dtype))  # (B, 3, H, W)
+            images = decode_each(
+                decoder, latents, lambda k: bar.update_absolute(denoise_steps + k, denoise_steps + batch_size)
+            )
         finally:
             comfy_env.soft_empty_cache()
         samples = decoder.to_vae_latents(latents.float())  # ComfyUI's LATENT holds raw VAE latents
         samples = samples.to(comfy_env.intermediate_device())
-        return decoded_to_image(images), {"samples": samples}
+        return images, {"samples": samples}

@@ -137,11 +137,32 @@ def test_interrupt_stops_sampling_and_the_next_run_works(loaded, monkeypatch):
     monkeypatch.setattr(comfy_env, "progress_bar", Bar)
     with pytest.raises(comfy_env.InterruptProcessingException):
         run_sample(dec, pos, neg, steps=5)
-    assert progress == [(1, 5), (2, 5)] and len(calls) == 3  # stopped right after the step that saw the request
+    assert progress == [(1, 6), (2, 6)] and len(calls) == 3  # stopped right after the step that saw the request
     assert emptied == [1]  # memory released on the way out
     progress.clear()
     again, _ = run_sample(dec, pos, neg, steps=5)  # the request was consumed: the next run is whole and identical
-    assert progress == [(i, 5) for i in range(1, 6)] and torch.equal(again, expected)
+    assert progress == [(i, 6) for i in range(1, 7)] and torch.equal(again, expected)  # 5 steps, 1 decoded image
+
+
+def test_interrupt_between_decoded_images_stops_the_decode(loaded, monkeypatch):
+    dec = loaded["sana"]
+    decoded, progress = [], []
+    original = dec.decode
+    monkeypatch.setattr(dec, "decode", lambda latents: decoded.append(latents.shape[0]) or original(latents))
+
+    class Bar:  # the user presses Cancel when the first of three images is decoded
+        def __init__(self, total):
+            pass
+
+        def update_absolute(self, value, total=None, preview=None):
+            progress.append((value, total))
+            if value == 3:
+                comfy_env.interrupt_current_processing()
+
+    monkeypatch.setattr(comfy_env, "progress_bar", Bar)
+    with pytest.raises(comfy_env.InterruptProcessingException):
+        run_sample(dec, cond(1), cond(1), steps=2, batch_size=3)
+    assert progress == [(1, 5), (2, 5), (3, 5)] and decoded == [1]  # one image at a time; the second never started
 
 
 def test_an_interrupt_requested_before_sampling_stops_it_at_once(loaded, monkeypatch):

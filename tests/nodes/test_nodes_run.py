@@ -154,7 +154,7 @@ def test_sampling_shows_no_previews_unless_comfyui_asks(loaded, monkeypatch):
     pos = conditioning(loaded, "a red circle")
     sample(loaded["sana"], pos, pos, steps=3)
     (bar,) = bars
-    assert bar.shown == [1, 2, 3] and bar.previews == [None] * 3
+    assert bar.shown == [1, 2, 3, 4] and bar.previews == [None] * 4  # 3 steps, then the decoded image
 
 
 def test_sampling_previews_show_the_denoised_image(loaded, monkeypatch, tmp_path):
@@ -167,11 +167,26 @@ def test_sampling_previews_show_the_denoised_image(loaded, monkeypatch, tmp_path
     pos, neg = conditioning(loaded, "a red circle"), conditioning(loaded, "")
     image, _ = sample(decoder, pos, neg, width=32, height=48, batch_size=2, steps=3)
     (bar,) = bars
-    assert bar.shown == [1, 2, 3] and [p[0] for p in bar.previews] == ["JPEG"] * 3
-    shown = [torch.tensor(np.array(p[1]), dtype=torch.float32) for p in bar.previews]  # (48, 32, 3) each: first sample
+    assert bar.shown == [1, 2, 3, 4, 5] and bar.previews[3:] == [None, None]  # then one step per decoded image
+    assert [p[0] for p in bar.previews[:3]] == ["JPEG"] * 3
+    shown = [torch.tensor(np.array(p[1]), dtype=torch.float32) for p in bar.previews[:3]]  # (48, 32, 3): sample 0
     assert all(s.shape == (48, 32, 3) for s in shown)
     assert (shown[-1] - image[0] * 255).abs().max() <= 1.0
     assert (shown[0] - image[0] * 255).abs().max() > 10.0
+
+
+@pytest.mark.parametrize("family", ["sana", "sd15"])
+def test_images_decoded_one_at_a_time_equal_the_batch_decoded_at_once(loaded, family):
+    from nodes.common import decoded_to_image
+    from nodes.sampling import decode_each
+
+    decoder = loaded[family]
+    latents = torch.randn(decoder.latent_shape(3, 32, 48), generator=torch.Generator().manual_seed(0))
+    done = []
+    images = decode_each(decoder, latents, done.append)
+    assert done == [1, 2, 3] and images.shape == (3, 32, 48, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(images, decoded_to_image(decoder.decode(latents)), atol=1e-5, rtol=0)
 
 
 def test_describe_reports_progress_token_by_token(loaded, monkeypatch):
