@@ -44,9 +44,7 @@ class MetaQueryConfig:
     empty_prompt: str | None = None  # with a template: the prompt of an empty caption
     lead_slots: int = 0  # learned slots before the queries, not read out (`queries.lead`)
     image_crop: int | None = None  # input images scaled and centre-cropped to this square first (None: as they are)
-    min_image_tokens: int | None = (
-        None  # Qwen-VL: smaller input images scaled up to this many tokens (None: as they are)
-    )
+    min_image_tokens: int | None = None  # Qwen-VL: smaller input images scaled up to this many tokens
     mllm_name: str = ""  # a hint for users (folder name), never used to pick code
     decoder_name: str = ""
     format_version: int = FORMAT_VERSION
