@@ -53,15 +53,25 @@ def test_version_1_checkpoints_load_with_the_defaults_they_meant(saved, tmp_path
     torch.testing.assert_close(loaded.connect(states)[0], head.connect(states)[0], rtol=0, atol=0)
 
 
-def test_lead_slots_and_prompt_suffix_round_trip(tmp_path, mllm_loader, decoder_loader):
+def head_round_trip(tmp_path, mllm, decoder, *, connector_options: dict | None = None, **settings):
+    """A 4-query head with these settings (a 1-layer connector with `connector_options`), saved and loaded: (its
+    connector config, head, loaded config, loaded head)."""
     from metaqueries_core.connector import ConnectorConfig
     from metaqueries_core.head import MetaQueryHead
 
-    mllm, decoder = mllm_loader("qwen2_5_vl"), decoder_loader("sana")
-    connector = ConnectorConfig(in_width=mllm.width, out_width=decoder.text_width, depth=1, layer_style="reference")
-    head = MetaQueryHead(num_queries=4, connector=connector, prompt_suffix="\n", lead_slots=2)
+    options = connector_options or {}
+    connector = ConnectorConfig(in_width=mllm.width, out_width=decoder.text_width, depth=1, **options)
+    head = MetaQueryHead(num_queries=4, connector=connector, **settings)
     config = ckpt.config_for(head, mllm=mllm, decoder=decoder)
-    loaded_config, loaded, _ = ckpt.load_checkpoint(ckpt.save_checkpoint(tmp_path / "lead.safetensors", head, config))
+    loaded_config, loaded, _ = ckpt.load_checkpoint(ckpt.save_checkpoint(tmp_path / "head.safetensors", head, config))
+    return connector, head, loaded_config, loaded
+
+
+def test_lead_slots_and_prompt_suffix_round_trip(tmp_path, mllm_loader, decoder_loader):
+    mllm, decoder = mllm_loader("qwen2_5_vl"), decoder_loader("sana")
+    _, head, loaded_config, loaded = head_round_trip(
+        tmp_path, mllm, decoder, connector_options={"layer_style": "reference"}, prompt_suffix="\n", lead_slots=2
+    )
     assert (loaded_config.prompt_suffix, loaded_config.lead_slots) == ("\n", 2)
     assert torch.equal(loaded.queries.lead, head.queries.lead) and loaded.layout.suffix == "\n"
     batch = loaded.prepare(mllm, ["a red circle"])
@@ -70,14 +80,10 @@ def test_lead_slots_and_prompt_suffix_round_trip(tmp_path, mllm_loader, decoder_
 
 
 def test_image_crop_round_trips_and_crops_what_the_mllm_sees(tmp_path, mllm_loader, decoder_loader, monkeypatch):
-    from metaqueries_core.connector import ConnectorConfig
     from metaqueries_core.head import MetaQueryHead
 
-    mllm, decoder = mllm_loader("qwen2_5_vl"), decoder_loader("sana")
-    connector = ConnectorConfig(in_width=mllm.width, out_width=decoder.text_width, depth=1)
-    head = MetaQueryHead(num_queries=4, connector=connector, image_crop=28)
-    config = ckpt.config_for(head, mllm=mllm, decoder=decoder)
-    loaded_config, loaded, _ = ckpt.load_checkpoint(ckpt.save_checkpoint(tmp_path / "crop.safetensors", head, config))
+    mllm = mllm_loader("qwen2_5_vl")
+    connector, _, loaded_config, loaded = head_round_trip(tmp_path, mllm, decoder_loader("sana"), image_crop=28)
     assert loaded_config.image_crop == 28 and loaded.image_crop == 28
     seen = []
     original = mllm.prepare
@@ -96,14 +102,10 @@ def test_image_crop_round_trips_and_crops_what_the_mllm_sees(tmp_path, mllm_load
 
 
 def test_min_image_tokens_round_trips_and_sizes_what_the_mllm_sees(tmp_path, mllm_loader, decoder_loader):
-    from metaqueries_core.connector import ConnectorConfig
     from metaqueries_core.head import MetaQueryHead
 
-    mllm, decoder = mllm_loader("qwen2_5_vl"), decoder_loader("sana")
-    connector = ConnectorConfig(in_width=mllm.width, out_width=decoder.text_width, depth=1)
-    head = MetaQueryHead(num_queries=4, connector=connector, min_image_tokens=16)
-    config = ckpt.config_for(head, mllm=mllm, decoder=decoder)
-    loaded_config, loaded, _ = ckpt.load_checkpoint(ckpt.save_checkpoint(tmp_path / "min.safetensors", head, config))
+    mllm = mllm_loader("qwen2_5_vl")
+    connector, _, loaded_config, loaded = head_round_trip(tmp_path, mllm, decoder_loader("sana"), min_image_tokens=16)
     assert loaded_config.min_image_tokens == 16 and loaded.min_image_tokens == 16
     small = [[Image.new("RGB", (16, 16), (255, 0, 0))]]
     for model, tokens in ((loaded, 16), (MetaQueryHead(num_queries=4, connector=connector), 4)):
